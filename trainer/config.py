@@ -1,0 +1,123 @@
+"""Typed schemas for the Hydra config tree in configs/.
+
+The root `TrainConfig` is registered as Hydra's schema, so every YAML file and
+command-line override is merged into these dataclasses: an unknown key or a
+value of the wrong type fails before any work starts, naming the key. After
+composition the config is turned into these objects once, at the edge
+(`trainer/train.py`), and passed down typed.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from data.config import DataConfig
+from trainer.flow import FlowConfig
+from trainer.model.config import ModelConfig
+
+
+@dataclass
+class StageConfig:
+    # Which objective plugs into the loop (see trainer/objectives.py).
+    name: str = "pretrain"
+    objective: str = "flow"
+    steps: int = 1000
+    global_batch_size: int = 32  # samples per optimizer step, all ranks together
+    micro_batch_size: int = 32  # samples per rank per forward; accumulation fills the rest
+    ema_decay: float = 0.999  # 0 disables EMA
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+
+
+@dataclass
+class ParallelConfig:
+    # Data-parallel mesh: dp_replicate x dp_shard = world size; -1 takes what the
+    # other leaves. dp_replicate > 1 gives HSDP (replicate across, shard within).
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    param_dtype: str = "float32"  # compute dtype of the parameters (bfloat16 on GPUs)
+    reduce_dtype: str = "float32"  # gradient reduction dtype
+    activation_checkpoint: str = "none"  # none | full (per block)
+    compile: bool = False  # torch.compile each block
+    backend: str = "auto"  # auto | nccl | gloo
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; the last step always saves
+    keep: int = 3  # keep the newest k complete checkpoints
+    async_save: bool = False
+    # Initialise from released weights (diffusers folder or release .safetensors)
+    # when the run has no checkpoint of its own yet.
+    init_from: str | None = None
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between log lines / metrics rows
+    tensorboard: bool = True
+    sample_every: int = 0  # steps between sample grids; 0 disables
+    sample_steps: int = 24
+    sample_guidance: float = 3.5
+    num_samples: int = 8
+    peak_tflops: float | None = None  # per device; None: looked up from the device name
+
+
+@dataclass
+class TrainConfig:
+    # The run directory is run_root/name; a resubmitted job with the same name
+    # (or Slurm job id, the default) finds its checkpoints there.
+    name: str = "default"
+    run_root: str = "runs"
+    seed: int = 0
+    # Bitwise-reproducible kernels; with a fixed thread count a resumed CPU run
+    # matches an uninterrupted one exactly.
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run_root, self.name)
+
+    def validate(self, world_size: int) -> None:
+        """Checks that need more than types; raises ValueError naming the key."""
+        self.model.validate()
+        s = self.stage
+        if s.steps <= 0:
+            raise ValueError(f"stage.steps must be positive, got {s.steps}")
+        per_step = s.micro_batch_size * world_size
+        if s.global_batch_size % per_step:
+            raise ValueError(
+                f"stage.global_batch_size={s.global_batch_size} must be a multiple of "
+                f"stage.micro_batch_size x world size = {s.micro_batch_size} x {world_size}"
+            )
+        if not 0 <= s.ema_decay < 1:
+            raise ValueError(f"stage.ema_decay must be in [0, 1), got {s.ema_decay}")
+        if self.parallel.activation_checkpoint not in ("none", "full"):
+            raise ValueError(f"parallel.activation_checkpoint must be none|full, got {self.parallel.activation_checkpoint!r}")
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(self.parallel, key) not in ("float32", "bfloat16"):
+                raise ValueError(f"parallel.{key} must be float32|bfloat16, got {getattr(self.parallel, key)!r}")
+        if self.checkpoint.every <= 0 or self.checkpoint.keep <= 0:
+            raise ValueError("checkpoint.every and checkpoint.keep must be positive")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step."""
+        return self.stage.global_batch_size // (self.stage.micro_batch_size * world_size)

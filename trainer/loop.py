@@ -1,0 +1,197 @@
+"""The training loop. Stages plug in an objective (trainer/objectives.py); the
+loop itself is shared by every stage."""
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from trainer.checkpoint import Checkpointer, TrainState
+from trainer.config import TrainConfig
+from trainer.metrics import MetricsLogger
+from trainer.model import K2DiT, flops_per_sample, load_pretrained
+from trainer.objectives import Objective, build_objective
+from trainer.optim import EMA, build_optimizer, lr_at, set_lr
+from trainer.parallel import DTYPES, Dist, init_distributed, parallelize, set_gradient_sync
+from trainer.sample import generate, grid_image
+from trainer.titan import clip_grad_norm, peak_flops
+
+log = logging.getLogger("k2train")
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `setup`."""
+
+    cfg: TrainConfig
+    d: Dist
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    objective: Objective
+    data: object  # data.shapes_loader.ShapesData (loader, encoder, latents, world)
+    ckpt: Checkpointer
+    state: TrainState
+    metrics: MetricsLogger
+
+
+def setup_logging(run_dir: str, is_main: bool) -> None:
+    logger = logging.getLogger()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    handlers = [logging.StreamHandler()]
+    if is_main:
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log")))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    d = init_distributed(cfg.parallel, cfg.device)
+    cfg.validate(d.world_size)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    setup_logging(cfg.run_dir, d.is_main)
+    torch.manual_seed(cfg.seed)
+
+    from data.shapes_loader import build_shapes_data
+
+    data = build_shapes_data(
+        cfg.data, os.path.join(cfg.run_dir, "assets"), cfg.stage.micro_batch_size, d.rank, d.world_size, d.device
+    )
+    if data.latents.channels != cfg.model.latent_channels:
+        raise ValueError(
+            f"model.latent_channels={cfg.model.latent_channels} but data {cfg.data.name!r} yields "
+            f"{data.latents.channels}-channel latents"
+        )
+
+    model = K2DiT(cfg.model)
+    model.init_weights(cfg.seed)
+    log.info("model %s: %.2fM parameters", cfg.model.name, model.num_params() / 1e6)
+    ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint, d)
+    if cfg.checkpoint.init_from and ckpt.latest() is None:
+        model.load_state_dict(load_pretrained(cfg.checkpoint.init_from, cfg.model).state_dict())
+        log.info("initialised from %s", cfg.checkpoint.init_from)
+    model.to(d.device)
+    model = parallelize(model, cfg.parallel, d)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    ema = EMA(model, cfg.stage.ema_decay) if cfg.stage.ema_decay > 0 else None
+    objective = build_objective(cfg.stage, cfg.model, cfg.seed)
+
+    state = TrainState(world_size=d.world_size)
+    latest = ckpt.latest()
+    if latest is not None:
+        extras = {"objective": objective.state_dict}
+        if ema is not None:
+            extras["ema"] = ema.state_dict
+        state, loaded = ckpt.load(latest, model, optimizer, extras)
+        if ema is not None:
+            ema.load_state_dict(loaded["ema"])
+        objective.load_state_dict(loaded["objective"])
+        data.loader.load_state_dict(state.loader)
+        state.world_size = d.world_size
+
+    tokens = cfg.data.text_len + (cfg.data.image_size // data.latents.downsample // cfg.model.patch_size) ** 2
+    metrics = MetricsLogger(
+        cfg.run_dir,
+        d.is_main,
+        state.step,
+        cfg.stage.steps,
+        flops_per_sample(cfg.model, cfg.data.text_len, tokens - cfg.data.text_len),
+        tokens,
+        cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else peak_flops(d.device),
+        d.world_size,
+        d.device,
+        cfg.log.tensorboard,
+    )
+    return Run(cfg, d, model, optimizer, ema, objective, data, ckpt, state, metrics)
+
+
+def autocast(run: Run):
+    """FSDP casts parameters itself; a single unsharded process needs autocast for bf16."""
+    if run.d.mesh is None and run.cfg.parallel.param_dtype == "bfloat16":
+        return torch.autocast(run.d.device.type, dtype=DTYPES["bfloat16"])
+    return contextlib.nullcontext()
+
+
+def train_step(run: Run) -> dict[str, float]:
+    cfg, model, opt = run.cfg, run.model, run.optimizer
+    accum = cfg.accumulation(run.d.world_size)
+    set_lr(opt, lr_at(run.state.step, cfg.stage.steps, cfg.optimizer))
+    loss_sum = torch.zeros((), device=run.d.device)
+    for micro in range(accum):
+        batch = next(run.data.loader).to(run.d.device)
+        set_gradient_sync(model, micro == accum - 1)
+        with autocast(run):
+            loss, _ = run.objective.loss(model, batch)
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = clip_grad_norm(model.parameters(), cfg.optimizer.grad_clip)
+    if math.isfinite(grad_norm.item()):
+        opt.step()
+        if run.ema is not None:
+            run.ema.update()
+    else:
+        log.warning("step %d: non-finite gradient norm, update skipped", run.state.step)
+    opt.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.state.samples_seen += cfg.stage.global_batch_size
+    return {"loss": loss_sum / accum, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
+
+
+def save_samples(run: Run) -> None:
+    cfg, data = run.cfg, run.data
+    prompts = data.world.held_out_prompts()[: cfg.log.num_samples]
+    seeds = list(range(len(prompts)))
+    side = cfg.data.image_size // data.latents.downsample
+    if run.ema is not None:
+        run.ema.swap()
+    try:
+        images = generate(
+            run.model, data.encoder.encode, data.latents.decode, prompts, seeds, cfg.model, (side, side),
+            cfg.log.sample_steps, cfg.log.sample_guidance, run.d.device,
+        )
+    finally:
+        if run.ema is not None:
+            run.ema.swap()
+    if run.d.is_main:
+        grid = grid_image(images, prompts)
+        folder = os.path.join(cfg.run_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(grid).save(os.path.join(folder, f"step_{run.state.step:08d}.png"))
+        run.metrics.image("samples", grid, run.state.step)
+
+
+def train(cfg: TrainConfig) -> Run:
+    run = setup(cfg)
+    st, steps = run.state, cfg.stage.steps
+    if st.step >= steps:
+        log.info("run %s already finished at step %d", cfg.run_dir, st.step)
+    while st.step < steps:
+        values = train_step(run)
+        run.metrics.count(cfg.stage.global_batch_size)
+        if st.step % cfg.log.every == 0 or st.step == steps:
+            values["loss"] = run.d.all_reduce_mean(values["loss"])
+            run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
+        if cfg.log.sample_every and (st.step % cfg.log.sample_every == 0 or st.step == steps):
+            save_samples(run)
+        if st.step % cfg.checkpoint.every == 0 or st.step == steps:
+            st.loader = run.data.loader.state_dict()
+            extras = {"objective": run.objective.state_dict()}
+            if run.ema is not None:
+                extras["ema"] = run.ema.state_dict()
+            run.ckpt.save(st, run.model, run.optimizer, extras)
+        run.ckpt.poll()
+    run.ckpt.wait()
+    run.metrics.close()
+    return run
