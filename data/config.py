@@ -1,0 +1,38 @@
+"""Typed config of the data side; Hydra fills it from configs/data/*.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    # Which dataset: "shapes" is the procedural demo world (data/shapes.py).
+    name: str = "shapes"
+    # Side of the square training images in pixels (shapes needs >= 32).
+    image_size: int = 32
+    # Probability that a sample's caption is replaced by the empty prompt "", so the
+    # model also learns the unconditional velocity that classifier-free guidance needs.
+    caption_dropout: float = 0.1
+    # Prompt tokens kept after the dropped chat-template system prefix (Krea 2 uses 512;
+    # the longest shapes caption needs 15 including the template's closing tokens).
+    text_len: int = 24
+    # Folder of a Qwen3-VL checkpoint (tokenizer + model); None builds the tiny random
+    # encoder into the run's cache dir.
+    encoder_path: str | None = None
+    # hidden_states indices to tap (0 = embeddings, i = output of decoder layer i);
+    # Krea 2 on Qwen3-VL-4B taps [2, 5, ..., 35]; the tiny encoder has 4 layers.
+    text_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    # Seeds the world (which image each sample id is) and caption dropout.
+    seed: int = 0
+    # Latent space: "pixels" (demo) or "qwen_image" (needs vae_path: a VAE or pipeline folder).
+    latents: str = "pixels"
+    vae_path: str | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.text_len < 1:
+            raise ValueError(f"text_len must be >= 1, got {self.text_len}")
+        if not self.text_layers:
+            raise ValueError("text_layers must name at least one hidden state")

@@ -1,0 +1,229 @@
+"""Text conditioning: prompts -> per-token features from several Qwen3-VL hidden layers.
+
+Krea 2 conditions on Qwen3-VL-4B hidden states taken from 12 layers, with prompts
+wrapped in the Qwen-Image chat template and the system prefix dropped. `TextEncoder`
+does exactly that for any Qwen3-VL checkpoint folder; `build_tiny_encoder` makes a
+small, randomly initialised one (with a locally trained tokenizer) so the demo and
+tests run the same code path without downloading anything.
+
+Layer convention: `layers` index transformers' `hidden_states` tuple, where
+`hidden_states[0]` is the token embeddings and `hidden_states[i]` is the output of
+decoder layer i (1-based). The last entry, `hidden_states[num_hidden_layers]`, is the
+final output *after* the model's last RMSNorm (transformers replaces it with
+`last_hidden_state`); Krea's taps (2, 5, ..., 35 of 36) never touch it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLModel
+from transformers.utils import logging as hf_logging
+
+SYSTEM_PROMPT = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:"
+)
+# The Qwen-Image prompt template (diffusers' QwenImagePipeline uses the same string).
+CHAT_TEMPLATE = (
+    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+PAD_TOKEN = "<|endoftext|>"
+# Qwen's chat and vision markers; the vision ones give the tiny model's config real ids.
+SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    # transformers draws a progress bar per load/save; for a 2 MB model on every rank that is noise.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# ---- tokenizer --------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` plus the chat template, save it to out_dir.
+
+    Byte-level (like Qwen's own tokenizer) so any string round-trips exactly, newlines
+    and punctuation of the template included; the corpus is tiny, so with a few hundred
+    merges every caption word ends up a single token.
+    """
+    if not texts:
+        raise ValueError("train_tokenizer needs at least one text")
+    corpus = list(texts) + [CHAT_TEMPLATE.format(""), SYSTEM_PROMPT, "system user assistant"]
+    tokenizer = Tokenizer(models.BPE())
+    # The GPT-2 split regex keeps "\n" apart from the words around it, so the template's
+    # system prefix tokenizes the same alone as in front of a prompt.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token=PAD_TOKEN,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    wrapped.save_pretrained(str(out_dir))
+    return wrapped
+
+
+# ---- encoder ----------------------------------------------------------------------------------
+class TextEncoder:
+    """Prompts -> (features_BTKD, mask_BT) from K hidden layers of a Qwen3-VL language model.
+
+    T = max_len prompt tokens kept after the dropped system prefix; D = the model width.
+    """
+
+    def __init__(self, tokenizer, model: Qwen3VLModel, layers: list[int], max_len: int):
+        num_hidden = model.config.text_config.num_hidden_layers
+        if not layers:
+            raise ValueError("layers must name at least one hidden state")
+        bad = [i for i in layers if not 0 <= i <= num_hidden]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: hidden_states has indices 0 (embeddings) "
+                             f"to {num_hidden} (last decoder layer) for this model")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if tokenizer.pad_token is None:
+            raise ValueError("the tokenizer has no pad token; Qwen tokenizers use <|endoftext|>")
+        tokenizer.padding_side = "right"
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.layers = list(layers)
+        self.max_len = max_len
+        # Everything in front of the prompt ("<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n")
+        # is dropped; 34 tokens with the real Qwen tokenizer.
+        prefix = CHAT_TEMPLATE.split("{}")[0]
+        self.prefix_len = len(tokenizer(prefix)["input_ids"])
+        probe = tokenizer(CHAT_TEMPLATE.format("a red circle"))["input_ids"]
+        if probe[: self.prefix_len] != tokenizer(prefix)["input_ids"]:
+            raise ValueError("this tokenizer merges the template's system prefix with the prompt; "
+                             "the prefix cannot be dropped by a fixed token count")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, layers: list[int], max_len: int,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "TextEncoder":
+        """Load tokenizer + Qwen3VLModel from a local folder (a real Qwen3-VL checkpoint or a tiny one)."""
+        path = str(path)
+        if not Path(path).is_dir():
+            raise ValueError(f"text encoder path {path!r} is not a folder")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _quiet_progress():
+            model = Qwen3VLModel.from_pretrained(path, dtype=dtype).to(device)
+        return cls(tokenizer, model, layers, max_len)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Template + fixed-length tokenization: (input_ids_BS, mask_BS) with S = prefix_len + max_len."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("encode takes a non-empty list of prompt strings")
+        tokens = self.tokenizer(
+            [CHAT_TEMPLATE.format(p) for p in prompts],
+            max_length=self.prefix_len + self.max_len,
+            padding="max_length",
+            truncation=True,  # over-long prompts lose their tail, as in Qwen-Image
+            return_tensors="pt",
+        )
+        return tokens["input_ids"], tokens["attention_mask"].bool()
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features_BTKD in the model dtype, mask_BT bool); padded positions are exactly zero."""
+        ids_BS, mask_BS = self.tokenize(prompts)
+        ids_BS, mask_BS = ids_BS.to(self.device), mask_BS.to(self.device)
+        # Positions count valid tokens only (cumsum(mask) - 1), as Krea does; with right
+        # padding this equals arange on every valid token. Qwen3-VL's text model takes
+        # (4, B, S): row 0 the plain text position (for the attention mask), rows 1-3 the
+        # M-RoPE (time, height, width) axes, which for text-only input all equal the text
+        # position (what get_rope_index produces when there are no images).
+        pos_BS = (mask_BS.long().cumsum(-1) - 1).clamp(min=0)
+        pos_4BS = pos_BS[None].expand(4, -1, -1)
+        out = self.model(
+            input_ids=ids_BS,
+            attention_mask=mask_BS.long(),
+            position_ids=pos_4BS,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        feats_BSKD = torch.stack([out.hidden_states[i] for i in self.layers], dim=2)
+        feats_BTKD = feats_BSKD[:, self.prefix_len:]
+        mask_BT = mask_BS[:, self.prefix_len:]
+        # masked_fill (not a multiply) so padding is +0.0 bitwise, never -0.0 or NaN * 0.
+        feats_BTKD = feats_BTKD.masked_fill(~mask_BT[:, :, None, None], 0.0)
+        return feats_BTKD, mask_BT
+
+
+# ---- the tiny demo encoder --------------------------------------------------------------------
+def tiny_encoder_config(vocab_size: int, pad_token_id: int, vision_ids: dict[str, int]) -> Qwen3VLConfig:
+    """A Qwen3-VL with a 4-layer, width-128 language model and a token vision tower."""
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        pad_token_id=pad_token_id,
+        # Qwen3-VL's interleaved M-RoPE; the sections split head_dim/2 = 16 frequencies
+        # over (time, height, width) like the real [24, 20, 20] splits 64.
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                         "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+    )
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **vision_ids)
+
+
+def build_tiny_encoder(out_dir: str | os.PathLike, vocabulary_texts: list[str], seed: int = 0) -> str:
+    """Train a tokenizer on vocabulary_texts and save it with a seeded random tiny Qwen3VLModel.
+
+    Same texts and seed give bitwise the same folder contents, so ranks that build it
+    independently agree. Load with `TextEncoder.from_pretrained(out_dir, layers=[1, 2, 3, 4], ...)`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(vocabulary_texts, out_dir)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    config = tiny_encoder_config(len(tokenizer), tokenizer.pad_token_id, ids)
+    # A private RNG stream: building the encoder must not move the caller's global seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLModel(config)
+    with _quiet_progress():
+        model.save_pretrained(str(out_dir))
+    return str(out_dir)
