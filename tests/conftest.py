@@ -11,7 +11,7 @@ def train_cmd(*overrides: str, nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "trainer.train", *overrides]
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "trainer.train", *overrides,
     ]
 

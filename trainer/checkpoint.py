@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ from trainer.config import CheckpointConfig
 from trainer.parallel import Dist
 
 log = logging.getLogger(__name__)
+# One process without a process group is a supported setup, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 

@@ -8,6 +8,7 @@ final layer.
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from trainer.config import ParallelConfig
+
+# F.linear on a 3D input returns a reshaped view, which FSDP2 flags in case the
+# caller mutates it in place; the objectives only read the prediction.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

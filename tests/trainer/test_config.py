@@ -1,0 +1,42 @@
+"""Bad configuration is rejected before any work starts, naming the key."""
+
+import os
+import subprocess
+
+from tests.conftest import ROOT, train_cmd, train_env
+
+
+def _fails(*overrides, extra_args=()):
+    proc = subprocess.run(
+        [*train_cmd(*overrides), *extra_args], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0, proc.stdout
+    return proc.stdout + proc.stderr
+
+
+def test_unknown_key_on_command_line_is_named(run_root):
+    out = _fails("experiment=test_tiny", f"run_root={run_root}", "model.num_blokcs=3")
+    assert "num_blokcs" in out
+    assert not os.path.exists(run_root)  # nothing started
+
+
+def test_mistyped_value_is_named(run_root):
+    out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage.steps=ten")
+    assert "stage.steps" in out
+    assert not os.path.exists(run_root)
+
+
+def test_unknown_key_in_a_yaml_file_is_named(tmp_path, run_root):
+    exp = tmp_path / "conf" / "experiment"
+    exp.mkdir(parents=True)
+    (exp / "typo.yaml").write_text("# @package _global_\nstage:\n  stpes: 10\n")
+    out = _fails("experiment=typo", f"run_root={run_root}", extra_args=["--config-dir", str(tmp_path / "conf")])
+    assert "stpes" in out
+    assert not os.path.exists(run_root)
+
+
+def test_inconsistent_values_are_rejected_with_the_key(run_root):
+    out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage.global_batch_size=6")
+    assert "stage.global_batch_size" in out
+    out = _fails("experiment=test_tiny", f"run_root={run_root}", "model.rope_axes=[8,8,8]")
+    assert "model.rope_axes" in out

@@ -1,0 +1,152 @@
+"""Building blocks of the K2 DiT: RMSNorm, SwiGLU, gated GQA attention, 3D RoPE, timestep sinusoid.
+
+Everything here is compile-friendly: no Python control flow depends on tensor
+values, only on whether an optional tensor (mask, rotary table) was passed.
+Shape letters: B batch, S sequence, H query heads, G kv heads, K head_dim,
+D model width.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose stored weight `w` is zero-centred: the multiplier is `1 + w`.
+
+    This is the Krea 2 checkpoint convention (so weight decay pulls towards
+    scale 1, and a zero-initialised weight is the identity scale). The
+    normalisation runs in fp32 whatever the activation dtype: in bf16 the mean
+    of squares over 6144 channels loses enough precision to shift outputs.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.float() + 1.0
+        return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """`w_down(silu(w_gate x) * w_up x)`, no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+# ---------------------------------------------------------------- rotary embedding
+
+
+def rope_tables(pos_S3: torch.Tensor, axes: list[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (S, head_dim // 2) for 3D axial RoPE.
+
+    Axis `i` of the position rotates `axes[i] // 2` channel pairs with
+    frequencies `theta ** (-2j / axes[i])`. Angles are formed in float64:
+    positions reach ~10^2 and fp32 angle errors would grow with them, and
+    that is what the reference implementation does, so tables match exactly.
+    """
+    if pos_S3.ndim != 2 or pos_S3.shape[1] != len(axes):
+        raise ValueError(f"positions must have shape (S, {len(axes)}), got {tuple(pos_S3.shape)}")
+    pos = pos_S3.to(torch.float64)
+    angles = []
+    for i, axis_dim in enumerate(axes):
+        inv_freq = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64, device=pos.device) / axis_dim)
+        angles.append(pos[:, i, None] * inv_freq)
+    angles_SP = torch.cat(angles, dim=-1)  # P = head_dim // 2 pairs
+    return angles_SP.cos().float(), angles_SP.sin().float()
+
+
+def apply_rope(x_BHSK: torch.Tensor, cos_SP: torch.Tensor, sin_SP: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved channel pairs (2j, 2j+1) of every head by the angle of pair j.
+
+    Computed in fp32 (bf16 rotations of large-norm q/k drift), returned in the input dtype.
+    """
+    x = x_BHSK.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = x[..., 0], x[..., 1]
+    out = torch.stack((x_even * cos_SP - x_odd * sin_SP, x_odd * cos_SP + x_even * sin_SP), dim=-1)
+    return out.flatten(-2).to(x_BHSK.dtype)
+
+
+# ---------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with per-head QK RMSNorm, RoPE and a sigmoid output gate.
+
+    `out(attn(x) * sigmoid(gate(x)))`: the gate is a full d×d projection of the
+    same (modulated) input, applied before the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, eps: float = 1e-5):
+        super().__init__()
+        if dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(f"dim={dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads} do not divide")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, kv_dim, bias=False)
+        self.v = nn.Linear(dim, kv_dim, bias=False)
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps)
+        self.k_norm = RMSNorm(self.head_dim, eps)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos_SP: torch.Tensor | None = None,
+        sin_SP: torch.Tensor | None = None,
+        mask_B11S: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BHSK = self.q_norm(self.q(x_BSD).view(B, S, H, K)).transpose(1, 2)
+        k_BGSK = self.k_norm(self.k(x_BSD).view(B, S, G, K)).transpose(1, 2)
+        v_BGSK = self.v(x_BSD).view(B, S, G, K).transpose(1, 2)
+        if cos_SP is not None:
+            q_BHSK = apply_rope(q_BHSK, cos_SP, sin_SP)
+            k_BGSK = apply_rope(k_BGSK, cos_SP, sin_SP)
+
+        if mask_B11S is None:
+            # No mask: flash attention handles GQA natively, no K/V copies.
+            o_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, enable_gqa=G != H)
+        else:
+            # With a mask, flash is out and the memory-efficient kernel does not
+            # take `enable_gqa` (math would run instead and materialise the
+            # B·H·S² score matrix). Repeating K/V heads costs one copy of K and
+            # V and keeps the efficient kernel. Query head h reads kv head h // (H/G).
+            if G != H:
+                k_BGSK = k_BGSK[:, :, None].expand(B, G, H // G, S, K).reshape(B, H, S, K)
+                v_BGSK = v_BGSK[:, :, None].expand(B, G, H // G, S, K).reshape(B, H, S, K)
+            o_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, attn_mask=mask_B11S)
+
+        o_BSD = o_BHSK.transpose(1, 2).reshape(B, S, H * K)
+        return self.out(o_BSD * torch.sigmoid(self.gate(x_BSD)))
+
+
+# ---------------------------------------------------------------- timestep
+
+
+def timestep_embedding(t_B: torch.Tensor, dim: int, scale: float = 1000.0, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoid of `scale·t` with `dim // 2` geometric frequencies, cosines first: (B, dim) fp32.
+
+    Flow time t ∈ [0, 1] is scaled by 1000 so the frequencies see the same
+    range as in DDPM-style integer-timestep models.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t_B.device) / half)
+    args_BF = (t_B.float() * scale)[:, None] * freqs
+    return torch.cat((args_BF.cos(), args_BF.sin()), dim=-1)
