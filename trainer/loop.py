@@ -66,9 +66,14 @@ def setup(cfg: TrainConfig) -> Run:
 
     from data.shapes_loader import build_shapes_data
 
-    data = build_shapes_data(
-        cfg.data, os.path.join(cfg.run_dir, "assets"), cfg.stage.micro_batch_size, d.rank, d.world_size, d.device
-    )
+    def build_data():
+        assets = os.path.join(cfg.run_dir, "assets")
+        return build_shapes_data(cfg.data, assets, cfg.stage.micro_batch_size, d.rank, d.world_size, d.device)
+
+    # Rank 0 builds any missing assets (the tiny text encoder) before the others read them.
+    data = build_data() if d.is_main else None
+    d.barrier()
+    data = data or build_data()
     if data.latents.channels != cfg.model.latent_channels:
         raise ValueError(
             f"model.latent_channels={cfg.model.latent_channels} but data {cfg.data.name!r} yields "
