@@ -42,7 +42,7 @@ def generate(
 
     x = euler_sample(velocity, patchify(noise, p), (H // p) * (W // p), steps, guidance)
     model.train(was_training)
-    return decode(unpatchify(x, p, H // p, W // p)).clamp(-1, 1)
+    return decode(unpatchify(x, p, H, W)).clamp(-1, 1)
 
 
 def grid_image(images: torch.Tensor, captions: list[str], cell: int = 128, cols: int = 4) -> np.ndarray:
