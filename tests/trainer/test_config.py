@@ -40,3 +40,13 @@ def test_inconsistent_values_are_rejected_with_the_key(run_root):
     assert "stage.global_batch_size" in out
     out = _fails("experiment=test_tiny", f"run_root={run_root}", "model.rope_axes=[8,8,8]")
     assert "model.rope_axes" in out
+
+
+def test_run_directory_defaults_to_the_slurm_job_id(run_root):
+    env = {**train_env(), "SLURM_JOB_ID": "4242"}
+    proc = subprocess.run(train_cmd(f"run_root={run_root}", "model=tiny", "device=cpu", "stage.steps=1",
+                                    "stage.global_batch_size=2", "stage.micro_batch_size=2", "log.tensorboard=false"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.exists(os.path.join(run_root, "4242", "config.yaml"))
+    assert os.path.exists(os.path.join(run_root, "4242", "checkpoints", "step_00000001"))

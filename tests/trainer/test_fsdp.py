@@ -14,10 +14,13 @@ def losses(run_dir):
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_matches_one_process(run_root):
+@pytest.mark.parametrize("mesh", ["fsdp", "hsdp"])
+def test_two_process_fsdp_matches_one_process(run_root, mesh):
     common = ["experiment=test_tiny", f"run_root={run_root}", "stage.steps=20", "checkpoint.every=20"]
     run_training(*common, "name=one", "stage.micro_batch_size=8")
-    run_training(*common, "name=two", "stage.micro_batch_size=4", nproc=2)
+    # fsdp: both ranks shard every block; hsdp: a (2 replicate x 1 shard) mesh
+    two = ["name=two", "stage.micro_batch_size=4"] + (["parallel.dp_replicate=2"] if mesh == "hsdp" else [])
+    run_training(*common, *two, nproc=2)
     one, two = losses(os.path.join(run_root, "one")), losses(os.path.join(run_root, "two"))
     assert len(one) == len(two) == 20
     for step, (a, b) in enumerate(zip(one, two), 1):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -66,10 +67,16 @@ def kill_when(args: list[str], run_dir: str, condition, timeout=240) -> int:
     return last_logged_step(run_dir)
 
 
-def test_sigkill_and_restart_is_bitwise_equal_to_uninterrupted(run_root):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted reference run."""
+    run_root = str(tmp_path_factory.mktemp("straight"))
+    run_training("experiment=test_tiny", f"run_root={run_root}", "name=straight")
+    return final_state(os.path.join(run_root, "straight"))
+
+
+def test_sigkill_and_restart_is_bitwise_equal_to_uninterrupted(run_root, straight):
     common = ["experiment=test_tiny", f"run_root={run_root}"]
-    run_training(*common, "name=straight")
-    straight = final_state(os.path.join(run_root, "straight"))
 
     args = [*common, "name=killed"]
     run_dir = os.path.join(run_root, "killed")
@@ -92,3 +99,14 @@ def test_sigkill_and_restart_is_bitwise_equal_to_uninterrupted(run_root):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == list(range(1, 13))
+    # keep-last-k (k = 2) and no half-written checkpoint left behind
+    assert list_checkpoints(ckpts) == [9, 12]
+    assert not any(n.endswith(".partial") for n in os.listdir(ckpts))
+
+
+def test_async_checkpoints_resume_bitwise(run_root, straight):
+    args = ["experiment=test_tiny", f"run_root={run_root}", "name=async", "checkpoint.async_save=true"]
+    run_dir = os.path.join(run_root, "async")
+    kill_when(args, run_dir, lambda d: last_logged_step(d) >= 7)
+    run_training(*args)
+    assert_bitwise_equal(straight, final_state(run_dir))
