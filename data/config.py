@@ -28,6 +28,8 @@ class DataConfig:
     # Latent space: "pixels" (demo) or "qwen_image" (needs vae_path: a VAE or pipeline folder).
     latents: str = "pixels"
     vae_path: str | None = None
+    # data.name="synthetic": the share of the text_len tokens that are valid (unpadded).
+    synthetic_valid_text: float = 0.6
 
     def __post_init__(self):
         if not 0.0 <= self.caption_dropout <= 1.0:

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from data.shapes_loader import ShapesData
+from data.sources import build_data
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
 from trainer.metrics import MetricsLogger
@@ -34,7 +36,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     objective: Objective
-    data: object  # data.shapes_loader.ShapesData (loader, encoder, latents, world)
+    data: ShapesData  # (loader, encoder, latents, world)
     ckpt: Checkpointer
     state: TrainState
     metrics: MetricsLogger
@@ -64,16 +66,15 @@ def setup(cfg: TrainConfig) -> Run:
     setup_logging(cfg.run_dir, d.is_main)
     torch.manual_seed(cfg.seed)
 
-    from data.shapes_loader import build_shapes_data
-
-    def build_data():
+    def build():
         assets = os.path.join(cfg.run_dir, "assets")
-        return build_shapes_data(cfg.data, assets, cfg.stage.micro_batch_size, d.rank, d.world_size, d.device)
+        return build_data(cfg.data, assets, cfg.stage.micro_batch_size, d.rank, d.world_size, d.device,
+                          cfg.model.text_dim)
 
     # Rank 0 builds any missing assets (the tiny text encoder) before the others read them.
-    data = build_data() if d.is_main else None
+    data = build() if d.is_main else None
     d.barrier()
-    data = data or build_data()
+    data = data or build()
     if data.latents.channels != cfg.model.latent_channels:
         raise ValueError(
             f"model.latent_channels={cfg.model.latent_channels} but data {cfg.data.name!r} yields "
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig) -> Run:
         if st.step % cfg.log.every == 0 or st.step == steps:
             values["loss"] = run.d.all_reduce_mean(values["loss"])
             run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
-        if cfg.log.sample_every and (st.step % cfg.log.sample_every == 0 or st.step == steps):
+        if cfg.log.sample_every and run.data.world is not None and (st.step % cfg.log.sample_every == 0 or st.step == steps):
             save_samples(run)
         if st.step % cfg.checkpoint.every == 0 or st.step == steps:
             st.loader = run.data.loader.state_dict()

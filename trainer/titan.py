@@ -6,6 +6,8 @@ own; what we take from it is imported here and nowhere else, so a torchtitan
 upgrade touches one file.
 """
 
+import logging
+
 import torch
 
 from torchtitan.distributed.utils import clip_grad_norm_ as _titan_clip_grad_norm
@@ -28,4 +30,12 @@ def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of one device, or None on CPU (no meaningful MFU)."""
     if device.type != "cuda":
         return None
-    return float(get_peak_flops(torch.cuda.get_device_name(device)))
+    # get_peak_flops shells out to lspci to tell H100 SXM from PCIe and logs an
+    # error where lspci is missing; the device name is enough for us.
+    titan_log = logging.getLogger("torchtitan")
+    level = titan_log.level
+    titan_log.setLevel(logging.CRITICAL)
+    try:
+        return float(get_peak_flops(torch.cuda.get_device_name(device)))
+    finally:
+        titan_log.setLevel(level)
