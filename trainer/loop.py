@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,14 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("model %s: %.2fM parameters", cfg.model.name, model.num_params() / 1e6)
     ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint, d)
     if cfg.checkpoint.init_from and ckpt.latest() is None:
-        model.load_state_dict(load_pretrained(cfg.checkpoint.init_from, cfg.model).state_dict())
+        model.load_state_dict(load_pretrained(cfg.checkpoint.init_from, cfg.model).state_dict(), strict=False)
         log.info("initialised from %s", cfg.checkpoint.init_from)
+    objective = build_objective(cfg.stage, cfg.model, cfg.seed)
+    objective.attach(model)  # trainable extras live in model.aux: sharded, optimised, checkpointed
     model.to(d.device)
     model = parallelize(model, cfg.parallel, d)
     optimizer = build_optimizer(model, cfg.optimizer)
     ema = EMA(model, cfg.stage.ema_decay) if cfg.stage.ema_decay > 0 else None
-    objective = build_objective(cfg.stage, cfg.model, cfg.seed)
 
     state = TrainState(world_size=d.world_size)
     latest = ckpt.latest()
@@ -135,13 +137,19 @@ def train_step(run: Run) -> dict[str, float]:
     accum = cfg.accumulation(run.d.world_size)
     set_lr(opt, lr_at(run.state.step, cfg.stage.steps, cfg.optimizer))
     loss_sum = torch.zeros((), device=run.d.device)
+    extra: dict[str, float] = {}
+    data_s = 0.0
     for micro in range(accum):
-        batch = next(run.data.loader).to(run.d.device)
+        t0 = time.perf_counter()
+        batch = next(run.data.loader).to(run.d.device, non_blocking=True)
+        data_s += time.perf_counter() - t0
         set_gradient_sync(model, micro == accum - 1)
         with autocast(run):
-            loss, _ = run.objective.loss(model, batch)
+            loss, terms = run.objective.loss(model, batch)
         (loss / accum).backward()
         loss_sum += loss.detach()
+        for k, v in terms.items():
+            extra[k] = extra.get(k, 0.0) + float(v) / accum
     grad_norm = clip_grad_norm(model.parameters(), cfg.optimizer.grad_clip)
     if math.isfinite(grad_norm.item()):
         opt.step()
@@ -152,7 +160,7 @@ def train_step(run: Run) -> dict[str, float]:
     opt.zero_grad(set_to_none=True)
     run.state.step += 1
     run.state.samples_seen += cfg.stage.global_batch_size
-    return {"loss": loss_sum / accum, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
+    return {"loss": loss_sum / accum, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "data_s": data_s, **extra}
 
 
 def save_samples(run: Run) -> None:
@@ -185,7 +193,7 @@ def train(cfg: TrainConfig) -> Run:
         log.info("run %s already finished at step %d", cfg.run_dir, st.step)
     while st.step < steps:
         values = train_step(run)
-        run.metrics.count(cfg.stage.global_batch_size)
+        run.metrics.count(cfg.stage.global_batch_size, values.pop("data_s"))
         if st.step % cfg.log.every == 0 or st.step == steps:
             values["loss"] = run.d.all_reduce_mean(values["loss"])
             run.metrics.log(st.step, {k: float(v) for k, v in values.items()})

@@ -1,6 +1,8 @@
 """The step log line, metrics.jsonl and TensorBoard.
 
-    step 120/2000 | loss 0.5120 | gnorm 0.81 | lr 3.0e-04 | 41.2 samples/s | 3.3k tok/s | mfu 47.3% | 12.1 GiB
+    step 120/2000 | loss 0.5120 | gnorm 0.81 | lr 3.0e-04 | 41.2 samples/s | 3.3k tok/s | mfu 47.3% | 12.1 GiB | data 0.4%
+
+`data` is the share of wall time spent waiting for the next batch.
 
 Only rank 0 writes. On resume, rows past the resumed step (logged by the run
 that crashed after its last checkpoint) are dropped from metrics.jsonl and
@@ -67,6 +69,7 @@ class MetricsLogger:
         self.tb = None
         self._t0 = time.perf_counter()
         self._samples = 0
+        self._data_s = 0.0
         if not enabled:
             return
         _truncate_jsonl(self.path, start_step)
@@ -75,19 +78,22 @@ class MetricsLogger:
 
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
 
-    def count(self, samples: int) -> None:
+    def count(self, samples: int, data_seconds: float = 0.0) -> None:
+        """Records one step: its samples and the seconds it waited for data."""
         self._samples += samples
+        self._data_s += data_seconds
 
     def log(self, step: int, values: dict[str, float]) -> dict[str, float]:
         """Adds throughput figures since the last call, writes a row, prints the line."""
         now = time.perf_counter()
         dt = max(now - self._t0, 1e-9)
         sps = self._samples / dt
-        row = {"step": step, **values, "samples_per_s": sps, "tokens_per_s": sps * self.tokens_per_sample}
+        row = {"step": step, **values, "samples_per_s": sps, "tokens_per_s": sps * self.tokens_per_sample,
+               "data_wait": self._data_s / dt}
         if self.peak:
             row["mfu"] = sps * self.flops_per_sample / self.peak
         row["memory_gib"] = memory_gib(self.device)
-        self._t0, self._samples = now, 0
+        self._t0, self._samples, self._data_s = now, 0, 0.0
         if not self.enabled:
             return row
         with open(self.path, "a") as f:
@@ -112,6 +118,9 @@ class MetricsLogger:
         parts.append(f"{tok / 1000:.1f}k tok/s" if tok >= 1000 else f"{tok:.0f} tok/s")
         parts.append(f"mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "mfu -")
         parts.append(f"{row['memory_gib']:.1f} GiB")
+        parts.append(f"data {100 * row['data_wait']:.1f}%")
+        known = {"step", "loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "mfu", "memory_gib", "data_wait"}
+        parts.extend(f"{k} {v:.4f}" for k, v in row.items() if k not in known)  # objective terms
         return " | ".join(parts)
 
     def image(self, tag: str, image_HWC, step: int) -> None:

@@ -36,6 +36,9 @@ def per_sample_randn(shape: tuple[int, ...], ids: torch.Tensor, seed: int, purpo
 
 
 class Objective:
+    def attach(self, model: nn.Module) -> None:
+        """Adds trainable extras to `model.aux` before the model is sharded (default: none)."""
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
