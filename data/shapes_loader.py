@@ -156,6 +156,6 @@ def build_shapes_data(cfg: DataConfig, cache_dir: str | os.PathLike, batch_size:
         # by runs with different data seeds.
         encoder_path = ensure_tiny_encoder(Path(cache_dir) / "text_encoder", world.all_captions())
     encoder = TextEncoder.from_pretrained(encoder_path, layers=cfg.text_layers, max_len=cfg.text_len, device=device)
-    latents = make_latents(cfg.latents, cfg.vae_path, device=device)
+    latents = make_latents(cfg.latents, cfg.vae_path, device=device, pixel_downsample=cfg.pixel_downsample)
     loader = ShapesLoader(cfg, encoder, latents, batch_size, rank, world_size)
     return ShapesData(loader, encoder, latents, loader.world)

@@ -2,9 +2,15 @@
 
 Krea 2 conditions on Qwen3-VL-4B hidden states taken from 12 layers, with prompts
 wrapped in the Qwen-Image chat template and the system prefix dropped. `TextEncoder`
-does exactly that for any Qwen3-VL checkpoint folder; `build_tiny_encoder` makes a
-small, randomly initialised one (with a locally trained tokenizer) so the demo and
-tests run the same code path without downloading anything.
+reproduces diffusers' `Krea2Pipeline.get_text_hidden_states` step by step for any
+Qwen3-VL checkpoint folder; `build_tiny_encoder` makes a small, randomly initialised
+one (with a locally trained tokenizer) so the demo and tests run the same code path
+without downloading anything.
+
+Token layout (padding sits *inside* the template, before the assistant suffix):
+
+    [ system prefix (34) | prompt | PAD ... | <|im_end|> \n <|im_start|> assistant \n ]
+    '----- dropped -----'  '------------- max_len tokens returned ---------------'
 
 Layer convention: `layers` index transformers' `hidden_states` tuple, where
 `hidden_states[0]` is the token embeddings and `hidden_states[i]` is the output of
@@ -28,11 +34,11 @@ SYSTEM_PROMPT = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, "
     "spatial relationships of the objects and background:"
 )
-# The Qwen-Image prompt template (diffusers' QwenImagePipeline uses the same string).
-CHAT_TEMPLATE = (
-    "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
-    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-)
+# The Qwen-Image prompt template, split where Krea 2 pads: diffusers' Krea2Pipeline
+# tokenizes PROMPT_PREFIX + prompt, pads that, then appends PROMPT_SUFFIX.
+PROMPT_PREFIX = "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n"
+PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+CHAT_TEMPLATE = PROMPT_PREFIX + "{}" + PROMPT_SUFFIX
 PAD_TOKEN = "<|endoftext|>"
 # Qwen's chat and vision markers; the vision ones give the tiny model's config real ids.
 SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -90,7 +96,9 @@ def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: in
 class TextEncoder:
     """Prompts -> (features_BTKD, mask_BT) from K hidden layers of a Qwen3-VL language model.
 
-    T = max_len prompt tokens kept after the dropped system prefix; D = the model width.
+    T = max_len tokens kept after the dropped system prefix: the prompt (at most
+    max_len - num_suffix_tokens of it), padding, then the assistant suffix, exactly as
+    diffusers' Krea2Pipeline lays them out. D = the model width.
     """
 
     def __init__(self, tokenizer, model: Qwen3VLModel, layers: list[int], max_len: int):
@@ -101,8 +109,6 @@ class TextEncoder:
         if bad:
             raise ValueError(f"layers {bad} out of range: hidden_states has indices 0 (embeddings) "
                              f"to {num_hidden} (last decoder layer) for this model")
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
         if tokenizer.pad_token is None:
             raise ValueError("the tokenizer has no pad token; Qwen tokenizers use <|endoftext|>")
         tokenizer.padding_side = "right"
@@ -110,12 +116,17 @@ class TextEncoder:
         self.model = model.eval().requires_grad_(False)
         self.layers = list(layers)
         self.max_len = max_len
-        # Everything in front of the prompt ("<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n")
-        # is dropped; 34 tokens with the real Qwen tokenizer.
-        prefix = CHAT_TEMPLATE.split("{}")[0]
-        self.prefix_len = len(tokenizer(prefix)["input_ids"])
-        probe = tokenizer(CHAT_TEMPLATE.format("a red circle"))["input_ids"]
-        if probe[: self.prefix_len] != tokenizer(prefix)["input_ids"]:
+        # The pipeline hard-codes these counts for Qwen's tokenizer (start index 34,
+        # 5 suffix tokens); counting them here gives the same numbers for Qwen and the
+        # right ones for any other tokenizer (the tiny one included).
+        prefix_ids = tokenizer(PROMPT_PREFIX)["input_ids"]
+        self.prefix_len = len(prefix_ids)
+        self.num_suffix_tokens = len(tokenizer(PROMPT_SUFFIX)["input_ids"])
+        if max_len <= self.num_suffix_tokens:
+            raise ValueError(f"max_len must exceed the {self.num_suffix_tokens} template suffix tokens "
+                             f"that every prompt ends with, got {max_len}")
+        probe = tokenizer(PROMPT_PREFIX + "a red circle")["input_ids"]
+        if probe[: self.prefix_len] != prefix_ids:
             raise ValueError("this tokenizer merges the template's system prefix with the prompt; "
                              "the prefix cannot be dropped by a fixed token count")
 
@@ -144,41 +155,48 @@ class TextEncoder:
         return len(self.layers)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Template + fixed-length tokenization: (input_ids_BS, mask_BS) with S = prefix_len + max_len."""
+        """(input_ids_BS, mask_BS) with S = prefix_len + max_len: `[prefix + prompt | PAD | suffix]`."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("encode takes a non-empty list of prompt strings")
-        tokens = self.tokenizer(
-            [CHAT_TEMPLATE.format(p) for p in prompts],
-            max_length=self.prefix_len + self.max_len,
+        body = self.tokenizer(
+            [PROMPT_PREFIX + p for p in prompts],
+            max_length=self.prefix_len + self.max_len - self.num_suffix_tokens,
             padding="max_length",
-            truncation=True,  # over-long prompts lose their tail, as in Qwen-Image
+            truncation=True,  # over-long prompts lose their tail; the suffix always survives
             return_tensors="pt",
         )
-        return tokens["input_ids"], tokens["attention_mask"].bool()
+        suffix = self.tokenizer([PROMPT_SUFFIX] * len(prompts), return_tensors="pt")
+        ids_BS = torch.cat([body["input_ids"], suffix["input_ids"]], dim=1)
+        mask_BS = torch.cat([body["attention_mask"], suffix["attention_mask"]], dim=1).bool()
+        return ids_BS, mask_BS
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features_BTKD in the model dtype, mask_BT bool); padded positions are exactly zero."""
+        """(features_BTKD in the model dtype, mask_BT bool); padded positions are exactly zero.
+
+        mask_BT is True on the prompt tokens and on the suffix after the padding (never
+        a single run of True once a prompt is padded).
+        """
         ids_BS, mask_BS = self.tokenize(prompts)
         ids_BS, mask_BS = ids_BS.to(self.device), mask_BS.to(self.device)
-        # Positions count valid tokens only (cumsum(mask) - 1), as Krea does; with right
-        # padding this equals arange on every valid token. Qwen3-VL's text model takes
-        # (4, B, S): row 0 the plain text position (for the attention mask), rows 1-3 the
-        # M-RoPE (time, height, width) axes, which for text-only input all equal the text
-        # position (what get_rope_index produces when there are no images).
+        # Positions count valid tokens only (cumsum(mask) - 1), so the suffix continues
+        # right after the prompt as if there were no padding in between; the same
+        # position on the 3 M-RoPE axes (time, height, width), as for any text-only input.
         pos_BS = (mask_BS.long().cumsum(-1) - 1).clamp(min=0)
-        pos_4BS = pos_BS[None].expand(4, -1, -1)
+        pos_3BS = pos_BS[None].expand(3, -1, -1)
         out = self.model(
             input_ids=ids_BS,
-            attention_mask=mask_BS.long(),
-            position_ids=pos_4BS,
+            attention_mask=mask_BS,
+            position_ids=pos_3BS,
             output_hidden_states=True,
             use_cache=False,
         )
         feats_BSKD = torch.stack([out.hidden_states[i] for i in self.layers], dim=2)
         feats_BTKD = feats_BSKD[:, self.prefix_len:]
         mask_BT = mask_BS[:, self.prefix_len:]
-        # masked_fill (not a multiply) so padding is +0.0 bitwise, never -0.0 or NaN * 0.
+        # The pipeline keeps whatever the encoder computed at padded positions; we zero
+        # them (masked_fill, not a multiply: +0.0 bitwise, never -0.0 or NaN * 0) so the
+        # shards need not store them and the DiT, which masks them anyway, sees the same.
         feats_BTKD = feats_BTKD.masked_fill(~mask_BT[:, :, None, None], 0.0)
         return feats_BTKD, mask_BT
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from data.config import DataConfig
 from trainer.flow import FlowConfig
 from trainer.model.config import ModelConfig
+from trainer.repa import RepaConfig
 
 
 @dataclass
@@ -25,6 +26,8 @@ class StageConfig:
     micro_batch_size: int = 32  # samples per rank per forward; accumulation fills the rest
     ema_decay: float = 0.999  # 0 disables EMA
     flow: FlowConfig = field(default_factory=FlowConfig)
+    # iREPA representation alignment; read only by objective flow_repa.
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
 
 @dataclass

@@ -136,8 +136,9 @@ def train_step(run: Run) -> dict[str, float]:
     cfg, model, opt = run.cfg, run.model, run.optimizer
     accum = cfg.accumulation(run.d.world_size)
     set_lr(opt, lr_at(run.state.step, cfg.stage.steps, cfg.optimizer))
+    run.objective.set_step(run.state.step)
     loss_sum = torch.zeros((), device=run.d.device)
-    extra: dict[str, float] = {}
+    extra: dict[str, torch.Tensor] = {}
     data_s = 0.0
     for micro in range(accum):
         t0 = time.perf_counter()
@@ -148,8 +149,8 @@ def train_step(run: Run) -> dict[str, float]:
             loss, terms = run.objective.loss(model, batch)
         (loss / accum).backward()
         loss_sum += loss.detach()
-        for k, v in terms.items():
-            extra[k] = extra.get(k, 0.0) + float(v) / accum
+        for k, v in terms.items():  # kept on the device: no host sync per micro-batch
+            extra[k] = extra.get(k, 0.0) + v.detach() / accum
     grad_norm = clip_grad_norm(model.parameters(), cfg.optimizer.grad_clip)
     if math.isfinite(grad_norm.item()):
         opt.step()
@@ -195,7 +196,9 @@ def train(cfg: TrainConfig) -> Run:
         values = train_step(run)
         run.metrics.count(cfg.stage.global_batch_size, values.pop("data_s"))
         if st.step % cfg.log.every == 0 or st.step == steps:
-            values["loss"] = run.d.all_reduce_mean(values["loss"])
+            # loss and objective terms are per rank; grad_norm is already global
+            values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and k != "grad_norm" else v
+                      for k, v in values.items()}
             run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
         if cfg.log.sample_every and run.data.world is not None and (st.step % cfg.log.sample_every == 0 or st.step == steps):
             save_samples(run)

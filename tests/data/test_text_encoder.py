@@ -1,16 +1,20 @@
-"""Tokenizer and TextEncoder against direct Qwen3VLModel computations on the tiny model."""
+"""Tokenizer and TextEncoder against diffusers' Krea2Pipeline and direct Qwen3VLModel computations
+on the tiny model."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from data.text import CHAT_TEMPLATE, SPECIAL_TOKENS, TextEncoder, build_tiny_encoder
+from data.text import CHAT_TEMPLATE, PROMPT_PREFIX, PROMPT_SUFFIX, SPECIAL_TOKENS, TextEncoder, build_tiny_encoder
 
-PROMPTS = ["a red circle above a blue square", "", "an orange triangle", "a purple square to the left of a green circle"]
+LONG = " ".join(["a red circle above a blue square"] * 6)  # 42 tokens: truncated at max_len 24
+PROMPTS = ["a red circle above a blue square", "", "an orange triangle", "a purple square to the left of a green circle",
+           LONG]
 
 
 def test_tokenizer_round_trip(tiny_encoder_dir, world):
@@ -50,43 +54,96 @@ def _hooked_reference(model, ids_1S: torch.Tensor, layers: list[int]) -> torch.T
     return torch.stack([captured[i][0] for i in layers], dim=1)  # (S, K, D)
 
 
-def test_encode_matches_direct_model_computation(encoder):
+def tiny_krea2_pipeline(encoder: TextEncoder) -> Krea2Pipeline:
+    """diffusers' own Krea2Pipeline around the tiny tokenizer and Qwen3VLModel (tiny VAE and transformer
+    only to satisfy its constructor; get_text_hidden_states touches neither)."""
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=1, attention_head_dim=32, num_attention_heads=1, num_key_value_heads=1,
+        intermediate_size=32, timestep_embed_dim=32, text_hidden_dim=encoder.dim, num_text_layers=encoder.num_layers,
+        text_num_attention_heads=4, text_num_key_value_heads=2, text_intermediate_size=32,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=[8, 12, 12],
+    )  # fmt: skip
+    return Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder.model,
+                         tokenizer=encoder.tokenizer, transformer=transformer, text_encoder_select_layers=encoder.layers)
+
+
+def test_encode_equals_the_krea2_pipeline(encoder):
+    pipe = tiny_krea2_pipeline(encoder)
+    # Our template is the pipeline's, and the tiny tokenizer cuts it where Qwen's does, so the
+    # pipeline's hard-coded counts (34 prefix tokens, 5 suffix tokens) hold for it unchanged.
+    assert (pipe.prompt_template_encode_prefix, pipe.prompt_template_encode_suffix) == (PROMPT_PREFIX, PROMPT_SUFFIX)
+    assert (encoder.prefix_len, encoder.num_suffix_tokens) == (
+        pipe.prompt_template_encode_start_idx, pipe.prompt_template_encode_num_suffix_tokens) == (34, 5)
+
+    theirs_BTKD, their_mask_BT = pipe.get_text_hidden_states(PROMPTS, max_sequence_length=24, device=torch.device("cpu"))
+    ours_BTKD, mask_BT = encoder.encode(PROMPTS)
+    assert ours_BTKD.shape == theirs_BTKD.shape == (len(PROMPTS), 24, 4, 128)
+    assert torch.equal(mask_BT, their_mask_BT)
+    # Bitwise equal on every token the pipeline marks valid; ours is +0.0 where it is padding.
+    assert torch.equal(ours_BTKD, theirs_BTKD.masked_fill(~their_mask_BT[:, :, None, None], 0.0))
+
+
+def test_encode_replicates_the_pipeline_steps(encoder):
+    """The same steps written out against Qwen3VLModel: [prefix + prompt | PAD | suffix], positions
+    cumsum(mask) - 1 on the 3 M-RoPE axes, layers stacked on dim 2, prefix dropped."""
     layers = [0, 1, 3, 4]
     enc = TextEncoder(encoder.tokenizer, encoder.model, layers=layers, max_len=24)
+    tok = enc.tokenizer
+    body = tok([PROMPT_PREFIX + p for p in PROMPTS], max_length=34 + 24 - 5, padding="max_length", truncation=True,
+               return_tensors="pt")
+    suffix = tok([PROMPT_SUFFIX] * len(PROMPTS), return_tensors="pt")
+    ids_BS = torch.cat([body.input_ids, suffix.input_ids], dim=1)
+    mask_BS = torch.cat([body.attention_mask, suffix.attention_mask], dim=1).bool()
+    assert torch.equal(enc.tokenize(PROMPTS)[0], ids_BS) and torch.equal(enc.tokenize(PROMPTS)[1], mask_BS)
+    pos_3BS = (mask_BS.long().cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
+    with torch.no_grad():
+        out = enc.model(input_ids=ids_BS, attention_mask=mask_BS, position_ids=pos_3BS, output_hidden_states=True)
+    direct_BTKD = torch.stack([out.hidden_states[i] for i in layers], dim=2)[:, 34:]
+
     feats_BTKD, mask_BT = enc.encode(PROMPTS)
     assert feats_BTKD.shape == (len(PROMPTS), 24, len(layers), 128) and mask_BT.dtype == torch.bool
-    assert enc.prefix_len == 34
-    for b, prompt in enumerate(PROMPTS):
-        ids = enc.tokenizer(CHAT_TEMPLATE.format(prompt), return_tensors="pt")["input_ids"]
-        n_prompt = ids.shape[1] - enc.prefix_len
-        assert mask_BT[b].sum() == n_prompt and mask_BT[b, :n_prompt].all()
-        ref_SKD = _hooked_reference(enc.model, ids, layers)
-        torch.testing.assert_close(feats_BTKD[b, :n_prompt], ref_SKD[enc.prefix_len:], atol=2e-5, rtol=1e-4)
-
-    # The same batch through Qwen3VLModel with explicit text-only M-RoPE ids (3, B, S) = cumsum(mask) - 1.
-    ids_BS, mask_BS = enc.tokenize(PROMPTS)
-    pos_3BS = (mask_BS.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-    with torch.no_grad():
-        out = enc.model(input_ids=ids_BS, attention_mask=mask_BS.long(), position_ids=pos_3BS, output_hidden_states=True)
-    direct_BTKD = torch.stack([out.hidden_states[i] for i in layers], dim=2)[:, enc.prefix_len:]
+    assert torch.equal(mask_BT, mask_BS[:, 34:])
     valid = mask_BT[:, :, None, None].expand_as(feats_BTKD)
-    torch.testing.assert_close(feats_BTKD[valid], direct_BTKD[valid], atol=2e-5, rtol=1e-4)
+    assert torch.equal(feats_BTKD[valid], direct_BTKD[valid])
 
 
-def test_padding_is_zero_and_truncation_keeps_max_len(encoder):
+def test_padding_inside_the_template_is_invisible(encoder):
+    """Padding is masked and takes no position, so each valid token's features equal those of the
+    unpadded sequence prefix + prompt + suffix run with default positions."""
+    layers = [0, 1, 3, 4]
+    enc = TextEncoder(encoder.tokenizer, encoder.model, layers=layers, max_len=24)
+    feats_BTKD, mask_BT = enc.encode(PROMPTS[:4])
+    for b, prompt in enumerate(PROMPTS[:4]):
+        ids = enc.tokenizer(CHAT_TEMPLATE.format(prompt), return_tensors="pt")["input_ids"]
+        n_valid = ids.shape[1] - enc.prefix_len  # prompt + 5 suffix tokens
+        assert mask_BT[b].sum() == n_valid
+        ref_SKD = _hooked_reference(enc.model, ids, layers)
+        torch.testing.assert_close(feats_BTKD[b][mask_BT[b]], ref_SKD[enc.prefix_len:], atol=2e-5, rtol=1e-4)
+
+
+def test_layout_padding_is_zero_and_truncation_keeps_the_suffix(encoder):
+    ids_BS, mask_BS = encoder.tokenize(PROMPTS)
+    assert ids_BS.shape == (len(PROMPTS), 34 + 24)
+    suffix_ids = encoder.tokenizer(PROMPT_SUFFIX)["input_ids"]
+    prefix_ids = encoder.tokenizer(PROMPT_PREFIX)["input_ids"]
+    for b, prompt in enumerate(PROMPTS):
+        prompt_ids = encoder.tokenizer(PROMPT_PREFIX + prompt)["input_ids"][34:][: 24 - 5]
+        n_pad = 24 - 5 - len(prompt_ids)
+        expected = prefix_ids + prompt_ids + [encoder.tokenizer.pad_token_id] * n_pad + suffix_ids
+        assert ids_BS[b].tolist() == expected
+        assert mask_BS[b].tolist() == [True] * (34 + len(prompt_ids)) + [False] * n_pad + [True] * 5
+
     feats_BTKD, mask_BT = encoder.encode(PROMPTS)
     padded = ~mask_BT
     assert padded.any()
     assert (feats_BTKD[padded].view(torch.int32) == 0).all()  # +0.0 bitwise
     assert (feats_BTKD[mask_BT].abs().sum(-1) > 0).all()
-    # masks are a valid-prefix then padding, never holes
-    assert torch.equal(mask_BT, torch.arange(24)[None] < mask_BT.sum(1, keepdim=True))
-    long_prompt = " ".join(["a red circle above a blue square"] * 6)
-    feats, mask = encoder.encode([long_prompt])
-    assert mask.all() and feats.shape[1] == 24
-    full_ids = encoder.tokenizer(CHAT_TEMPLATE.format(long_prompt))["input_ids"]
-    ids_BS, _ = encoder.tokenize([long_prompt])
-    assert ids_BS[0].tolist() == full_ids[: encoder.prefix_len + 24]
+    # the empty prompt still has the 5 suffix tokens; the long one is full, its tail cut, suffix kept
+    assert mask_BT[1].tolist() == [False] * 19 + [True] * 5
+    assert mask_BT[4].all() and ids_BS[4, -5:].tolist() == suffix_ids
+    with pytest.raises(ValueError, match="suffix"):
+        TextEncoder(encoder.tokenizer, encoder.model, layers=[1], max_len=5)
 
 
 def test_features_differ_between_prompts_and_ignore_batch_mates(encoder):

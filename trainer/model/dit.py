@@ -191,6 +191,11 @@ class K2DiT(nn.Module):
         self.text_in = TextIn(cfg.text_dim, d, cfg.norm_eps)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_blocks)])
         self.final = FinalLayer(d, cfg.in_channels, cfg.norm_eps)
+        # Trainable extras that objectives attach before parallelisation (e.g. the iREPA
+        # projector). Empty by default, so state dicts match the release; they live in the
+        # model so FSDP, the optimizer, EMA and checkpoints pick them up, and interop
+        # drops `aux.*` on export.
+        self.aux = nn.ModuleDict()
 
     def forward(
         self,
@@ -199,13 +204,19 @@ class K2DiT(nn.Module):
         t_B: torch.Tensor,
         pos_S3: torch.Tensor,
         text_mask_BT: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_hidden_block: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Velocity for the image tokens.
 
         x_BLC: patchified noisy latents; text_BTKD: stacked encoder hidden
         states; t_B: flow time in [0, 1] (1 = noise); pos_S3: `positions(T, h, w)`;
         text_mask_BT: True for valid text tokens, or None when all are valid
         (pass None rather than an all-True mask: no mask lets SDPA use flash).
+        return_hidden_block: an index i returns (v_BLC, hidden_BLD), the image tokens
+        of block i's output (for representation alignment). An output rather than a
+        forward hook: it works whatever wraps the blocks (activation checkpointing
+        re-runs a block's forward, compile and FSDP replace or re-class the module)
+        and keeps no state between calls.
         """
         B, L, _ = x_BLC.shape
         T = text_BTKD.shape[1]
@@ -216,6 +227,8 @@ class K2DiT(nn.Module):
             )
         if pos_S3.shape[0] != T + L:
             raise ValueError(f"pos_S3 has {pos_S3.shape[0]} rows, expected text {T} + image {L}")
+        if return_hidden_block is not None and not 0 <= return_hidden_block < len(self.blocks):
+            raise ValueError(f"return_hidden_block={return_hidden_block} but the model has {len(self.blocks)} blocks")
 
         temb_BD = self.time_mlp(t_B, x_BLC.dtype)
         tmod_B6D = self.time_proj(F.gelu(temb_BD, approximate="tanh")).unflatten(-1, (6, -1))
@@ -240,9 +253,13 @@ class K2DiT(nn.Module):
         x_BSD = torch.cat((text_BTD, self.img_in(x_BLC)), dim=1)
 
         cos_SP, sin_SP = rope_tables(pos_S3, self.cfg.rope_axes, self.cfg.rope_theta)
-        for block in self.blocks:
+        hidden_BLD = None
+        for i, block in enumerate(self.blocks):
             x_BSD = block(x_BSD, tmod_B6D, cos_SP, sin_SP, mask_B11S)
-        return self.final(x_BSD[:, T:], temb_BD)
+            if i == return_hidden_block:
+                hidden_BLD = x_BSD[:, T:]
+        v_BLC = self.final(x_BSD[:, T:], temb_BD)
+        return v_BLC if return_hidden_block is None else (v_BLC, hidden_BLD)
 
     # ------------------------------------------------------------ init and size
 

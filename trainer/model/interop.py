@@ -70,6 +70,8 @@ _LEAVES = {
     "mlp.w_up.weight": ("ff.up.weight", "mlp.up.weight"),
     "mlp.w_down.weight": ("ff.down.weight", "mlp.down.weight"),
 }
+# K2DiT.aux: training-only modules, never exported.
+AUX_PREFIX = "aux."
 # Wrappers that the trainer puts around blocks (torch.compile, activation checkpointing).
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
 
@@ -103,9 +105,15 @@ def _is_block_table(key: str) -> bool:
 
 
 def to_foreign_state_dict(sd: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
-    """Our state dict → `fmt` layout (tensors shared, not copied, except reshapes)."""
+    """Our state dict → `fmt` layout (tensors shared, not copied, except reshapes).
+
+    `aux.*` (training-only extras such as the iREPA projector) has no place in either
+    inference layout and is left out.
+    """
     out = {}
     for key, value in sd.items():
+        if key.startswith(AUX_PREFIX):
+            continue
         name = foreign_name(key, fmt)
         if fmt == "release" and name.endswith(".mod.lin") and name.startswith("blocks."):
             value = value.reshape(-1)
