@@ -14,11 +14,16 @@ class Batch:
     text_mask: torch.Tensor  # (B, T) bool, True on real prompt tokens
     sample_ids: torch.Tensor  # (B,) int64 global sample ids (for dedup checks and resume tests)
     captions: list[str]  # the prompts as fed to the encoder ("" where caption dropout hit)
+    # (B, N, Dv) patch features of the clean images from a frozen vision encoder (iREPA
+    # targets), row-major over the bucket's patch grid; None where the data has none.
+    repa: torch.Tensor | None = None
 
     def __post_init__(self):
         batch = self.latents.shape[0]
         shapes = {"text": self.text.shape[0], "text_mask": self.text_mask.shape[0],
                   "sample_ids": self.sample_ids.shape[0], "captions": len(self.captions)}
+        if self.repa is not None:
+            shapes["repa"] = self.repa.shape[0]
         wrong = {k: v for k, v in shapes.items() if v != batch}
         if wrong:
             raise ValueError(f"batch of {batch} latents but leading sizes {wrong}")
@@ -34,4 +39,5 @@ class Batch:
             text=self.text.to(device, non_blocking=non_blocking),
             text_mask=self.text_mask.to(device, non_blocking=non_blocking),
             sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
+            repa=None if self.repa is None else self.repa.to(device, non_blocking=non_blocking),
         )

@@ -134,3 +134,16 @@ def test_flux2_vae_normalisation_equals_the_flux2_pipeline(flux2_vae_dir):
     assert torch.equal(out, expected)
     # patchify/unpatchify are inverses
     assert torch.equal(Flux2VAELatents.unpatchify(Flux2VAELatents.patchify(raw)), raw)
+
+
+def test_pooled_pixel_latents_average_and_upsample():
+    from data.latents import PixelLatents
+
+    lat = PixelLatents(downsample=2)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    z = lat.encode(images)
+    assert z.shape == (2, 3, 4, 4) and lat.channels == 3 and lat.downsample == 2
+    torch.testing.assert_close(z[:, :, 1, 2], images[:, :, 2:4, 4:6].mean(dim=(-1, -2)))
+    flat = torch.full((1, 3, 8, 8), 0.25)  # a flat image survives the round trip exactly
+    torch.testing.assert_close(lat.decode(lat.encode(flat)), flat)
+    assert lat.decode(z).shape == images.shape

@@ -1,0 +1,266 @@
+"""What the shard writer reads: inputs listed into chunks, each input read and validated.
+
+Inputs (`list_chunks(spec, chunk_size)`):
+  - a folder, walked in sorted order: images (.jpg/.jpeg/.png/.webp) with a caption from
+    a sidecar `<name>.txt`, or `<name>.json` {"caption": ...}, or a `captions.jsonl` in
+    the same folder with lines {"file": "<name>.jpg", "caption": ...}; `.tar` files in
+    the folder are read as below;
+  - a `.tar` (uncompressed): webdataset-style groups `<key>.jpg|png|webp` + `<key>.txt|json`;
+  - `shapes:N[:SIZE[:SEED]]`: N samples of the demo shapes world (data/shapes.py).
+
+Listing only reads names and tar headers; `load_item` reads and decodes one input and
+raises `Reject(reason)` for anything unusable (the writer records the reason and moves on).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image, ImageOps
+
+from data.shapes import ShapesWorld
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTS = ("txt", "json")
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One input, described by where to read it (JSON-able, so a chunk can travel in a job row).
+
+    image:   ["file", path] | ["tar", path, offset, size] | ["shapes", image_size, seed, index]
+    caption: ["text", str] | ["file", path] | ["tar", path, offset, size, ext] | None (missing)
+    """
+
+    key: str  # stable name of the input, reported in rejects and stored as `source`
+    image: tuple
+    caption: tuple | None = None
+    meta: dict = field(default_factory=dict, compare=False)  # extra caption-file fields
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    items: tuple[Item, ...]
+
+    @property
+    def name(self) -> str:
+        return f"chunk-{self.index:06d}"
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "items": [asdict(it) for it in self.items]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Chunk":
+        items = tuple(Item(it["key"], tuple(it["image"]), tuple(it["caption"]) if it["caption"] else None,
+                           it.get("meta", {})) for it in d["items"])
+        return cls(int(d["index"]), items)
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    """webdataset convention: the key ends at the first dot of the base name; the type is the last suffix."""
+    folder, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(folder, stem), ext.rsplit(".", 1)[-1].lower()
+
+
+def _list_tar(path: str, key_prefix: str) -> list[Item]:
+    groups: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            try:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_ext(m.name)
+                    slot = "image" if ext in IMAGE_EXTS else "caption" if ext in CAPTION_EXTS else None
+                    if slot:
+                        ref = ("tar", path, m.offset_data, m.size) + ((ext,) if slot == "caption" else ())
+                        groups.setdefault(key, {}).setdefault(slot, ref)
+            except tarfile.ReadError as e:
+                # The members listed so far stay; one whose data runs past the end is
+                # rejected when read. What came after the cut cannot be known.
+                log.warning("%s is truncated after %d groups (%s); later members are lost", path, len(groups), e)
+    except tarfile.ReadError as e:
+        raise ValueError(f"{path}: not a readable uncompressed tar ({e}); compressed tars are not supported, "
+                         f"since samples are read by byte offset") from e
+    return [Item(f"{key_prefix}/{key}", g["image"], g.get("caption")) for key, g in groups.items() if "image" in g]
+
+
+def _read_captions_jsonl(path: str) -> dict[str, tuple[str, dict]]:
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                name = entry.get("file", entry.get("image"))
+                caption = entry["caption"]
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{path} line {row}: expected a JSON object with 'file' and 'caption' ({e!r})") from e
+            if not isinstance(name, str):
+                raise ValueError(f"{path} line {row}: 'file' must be the image's file name, got {name!r}")
+            out[name] = (caption, {k: v for k, v in entry.items() if k not in ("file", "image", "caption")})
+    return out
+
+
+def _list_folder(root: str) -> list[Item]:
+    items = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files = sorted(f for f in files if not f.startswith("."))
+        jsonl = _read_captions_jsonl(os.path.join(folder, "captions.jsonl")) if "captions.jsonl" in files else {}
+        present = set(files)
+        for name in files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            stem, ext = os.path.splitext(name)
+            ext = ext[1:].lower()
+            if ext == "tar":
+                items.extend(_list_tar(path, rel))
+            elif ext in IMAGE_EXTS:
+                key = os.path.splitext(rel)[0]
+                if stem + ".txt" in present:
+                    items.append(Item(key, ("file", path), ("file", os.path.join(folder, stem + ".txt"))))
+                elif stem + ".json" in present:
+                    items.append(Item(key, ("file", path), ("file", os.path.join(folder, stem + ".json"))))
+                elif name in jsonl:
+                    caption, meta = jsonl[name]
+                    items.append(Item(key, ("file", path), ("text", caption), meta))
+                else:
+                    items.append(Item(key, ("file", path), None))
+    return items
+
+
+def list_inputs(spec: str) -> list[Item]:
+    """Every input of `spec` (a folder, a .tar, or shapes:N[:SIZE[:SEED]]) in a fixed order."""
+    if spec.startswith("shapes:"):
+        parts = spec.split(":")[1:]
+        try:
+            n, size, seed = (int(p) for p in parts + ["32", "0"][len(parts) - 1:])
+        except ValueError as e:
+            raise ValueError(f"input {spec!r}: expected shapes:N[:SIZE[:SEED]] with integers") from e
+        return [Item(f"shapes-{seed}-{size}/{i:08d}", ("shapes", size, seed, i)) for i in range(n)]
+    if os.path.isdir(spec):
+        return _list_folder(spec)
+    if os.path.isfile(spec) and spec.endswith(".tar"):
+        return _list_tar(spec, os.path.basename(spec))
+    raise ValueError(f"input {spec!r} is not a folder, a .tar file, or shapes:N[:SIZE[:SEED]]")
+
+
+def list_chunks(spec: str, chunk_size: int) -> list[Chunk]:
+    """The inputs of `spec` cut into chunks of `chunk_size` (the last may be shorter)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    items = list_inputs(spec)
+    return [Chunk(i, tuple(items[s:s + chunk_size])) for i, s in enumerate(range(0, len(items), chunk_size))]
+
+
+# ---- reading and validating one input --------------------------------------------------------
+class Reject(Exception):
+    """An input the writer skips; the message is the reason recorded in rejects/<chunk>.jsonl."""
+
+
+def _read_ref(ref: tuple, what: str) -> bytes:
+    kind = ref[0]
+    try:
+        if kind == "file":
+            with open(ref[1], "rb") as f:
+                data = f.read()
+            if not data:
+                raise Reject(f"zero-byte {what} file")
+            return data
+        if kind == "tar":
+            _, path, offset, size = ref[:4]
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+            if len(data) < size:
+                raise Reject(f"truncated tar member: {what} has {len(data)} of {size} bytes")
+            if not data:
+                raise Reject(f"zero-byte {what} member")
+            return data
+    except OSError as e:
+        raise Reject(f"cannot read {what}: {e}") from e
+    raise ValueError(f"unknown {what} reference {ref!r}")
+
+
+def _caption(item: Item) -> tuple[str, dict]:
+    ref, meta = item.caption, dict(item.meta)
+    if ref is None:
+        raise Reject("missing caption (no .txt/.json sidecar or captions.jsonl entry)")
+    if ref[0] == "text":
+        text = ref[1]
+    else:
+        ext = ref[4] if ref[0] == "tar" else ref[1].rsplit(".", 1)[-1].lower()
+        try:
+            raw = _read_ref(ref, "caption").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Reject(f"caption is not UTF-8: {e}") from e
+        if ext == "json":
+            try:
+                entry = json.loads(raw)
+                text = entry["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise Reject(f"caption JSON without a 'caption' field ({e!r})") from e
+            meta.update({k: v for k, v in entry.items() if k != "caption"})
+        else:
+            text = raw
+    if not isinstance(text, str) or not text.strip():
+        raise Reject(f"empty caption ({text!r})")
+    return text.strip(), meta
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # Transparent pixels keep whatever colour the file stored under them (often black);
+    # compositing on white is what a viewer shows.
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_item(item: Item, cfg) -> tuple[Image.Image, str, dict]:
+    """(RGB image, caption, metadata) of a valid input; raises Reject(reason) otherwise.
+
+    `cfg` gives the size limits: min_side, max_side, max_aspect (data.writer.WriterConfig).
+    """
+    if item.image[0] == "shapes":
+        _, size, seed, index = item.image
+        image_HWC, caption = ShapesWorld(image_size=int(size), seed=int(seed)).sample(int(index))
+        return Image.fromarray(image_HWC), caption, {"orig_size": [int(size), int(size)]}
+    data = _read_ref(item.image, "image")
+    caption, meta = _caption(item)
+    # Decoders of untrusted files fail in many ways (OSError, SyntaxError, ValueError,
+    # DecompressionBombError, struct.error, ...): any failure means "not an image we can use".
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()  # structure and checksums, without decoding pixels
+        image = Image.open(io.BytesIO(data))
+        w, h = image.size  # from the header: absurd sizes are refused before decoding
+    except Image.UnidentifiedImageError as e:
+        raise Reject("undecodable image: not a known image format") from e
+    except Exception as e:  # noqa: BLE001 (see above)
+        raise Reject(f"undecodable image: {type(e).__name__}: {e}") from e
+    if min(h, w) < cfg.min_side:
+        raise Reject(f"image too small: {h}x{w} (min side {cfg.min_side})")
+    if max(h, w) > cfg.max_side:
+        raise Reject(f"image too large: {h}x{w} (max side {cfg.max_side})")
+    if max(h, w) / min(h, w) > cfg.max_aspect:
+        raise Reject(f"aspect ratio {max(h, w) / min(h, w):.2f} of {h}x{w} exceeds {cfg.max_aspect}")
+    try:
+        image.load()  # a truncated JPEG/PNG fails here
+        image = ImageOps.exif_transpose(image)  # camera photos are stored sideways with a rotation tag
+    except Exception as e:  # noqa: BLE001
+        raise Reject(f"undecodable image: {type(e).__name__}: {e}") from e
+    return _to_rgb(image), caption, {**meta, "orig_size": [h, w]}
