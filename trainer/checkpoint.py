@@ -176,3 +176,38 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def resolve_checkpoint(path: str) -> str | None:
+    """A complete checkpoint folder from a run dir, its checkpoints/ dir or a step dir; None if not ours."""
+    if os.path.exists(os.path.join(path, ".metadata")):
+        return path
+    for folder in (os.path.join(path, "checkpoints"), path):
+        steps = list_checkpoints(folder)
+        if steps:
+            return os.path.join(folder, f"step_{steps[-1]:08d}")
+    return None
+
+
+def load_model_weights(model: torch.nn.Module, path: str, which: str = "ema") -> str:
+    """Loads the EMA ("ema") or live ("model") weights of a k2train checkpoint into an unsharded model.
+
+    Falls back to the live weights when the checkpoint has no EMA. Parameters the
+    checkpoint lacks (a new stage's extras in model.aux) keep their values.
+    Returns the checkpoint folder used.
+    """
+    step_dir = resolve_checkpoint(path)
+    if step_dir is None:
+        raise ValueError(f"{path} holds no complete k2train checkpoint")
+    saved = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    if which == "ema" and not any(k.startswith("ema.") for k in saved):
+        which = "model"
+    own = model.state_dict() if which == "model" else {n: p.detach().clone() for n, p in model.named_parameters()}
+    template = {n: t for n, t in own.items() if f"{which}.{n}" in saved}
+    missing = [n for n in own if n not in template and not n.startswith("aux.")]
+    if missing:
+        raise ValueError(f"{step_dir} lacks {len(missing)} weights of this model, e.g. {missing[:3]}")
+    sd = {which: template}
+    dcp.load(sd, checkpoint_id=step_dir)
+    model.load_state_dict(sd[which], strict=False)
+    return step_dir

@@ -60,9 +60,11 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints; the last step always saves
     keep: int = 3  # keep the newest k complete checkpoints
     async_save: bool = False
-    # Initialise from released weights (diffusers folder or release .safetensors)
-    # when the run has no checkpoint of its own yet.
+    # When the run has no checkpoint of its own yet, start from: a k2train run or
+    # checkpoint folder (the previous stage) or released weights (a diffusers
+    # folder or a release .safetensors file).
     init_from: str | None = None
+    init_weights: str = "ema"  # from a k2train checkpoint: "ema" or "model" (live) weights
 
 
 @dataclass

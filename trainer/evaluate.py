@@ -13,13 +13,12 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from PIL import Image
 
 from data.shapes import score_caption
 from data.shapes_loader import build_shapes_data
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint import load_model_weights
 from trainer.config import TrainConfig
 from trainer.model import K2DiT
 from trainer.sample import generate, grid_image
@@ -34,16 +33,8 @@ def load_run_config(run_dir: str) -> TrainConfig:
 
 def load_weights(model: K2DiT, run_dir: str, which: str) -> int:
     """Loads `which` ("ema" or "model") of the newest checkpoint into `model`; returns its step."""
-    folder = os.path.join(run_dir, "checkpoints")
-    steps = list_checkpoints(folder)
-    if not steps:
-        raise ValueError(f"{folder} holds no complete checkpoint")
-    sd = {which: model.state_dict()}
-    if which == "ema":
-        sd = {"ema": {n: p.detach().clone() for n, p in model.named_parameters()}}
-    dcp.load(sd, checkpoint_id=os.path.join(folder, f"step_{steps[-1]:08d}"))
-    model.load_state_dict(sd[which], strict=which == "model")
-    return steps[-1]
+    folder = load_model_weights(model, run_dir, which)
+    return int(os.path.basename(folder).split("_")[1])
 
 
 def score(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:

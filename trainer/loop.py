@@ -14,7 +14,7 @@ from PIL import Image
 
 from data.shapes_loader import ShapesData
 from data.sources import build_data
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpoint import Checkpointer, TrainState, load_model_weights, resolve_checkpoint
 from trainer.config import TrainConfig
 from trainer.metrics import MetricsLogger
 from trainer.model import K2DiT, flops_per_sample, load_pretrained
@@ -57,6 +57,18 @@ def setup_logging(run_dir: str, is_main: bool) -> None:
         logger.addHandler(h)
 
 
+def init_weights_from(model: K2DiT, cfg: TrainConfig) -> None:
+    """A new run's starting weights: a k2train run/checkpoint (the previous stage,
+    its EMA by default) or released weights (diffusers folder or release file)."""
+    src = cfg.checkpoint.init_from
+    if resolve_checkpoint(src) is not None:
+        used = load_model_weights(model, src, cfg.checkpoint.init_weights)
+    else:
+        model.load_state_dict(load_pretrained(src, cfg.model).state_dict(), strict=False)
+        used = src
+    log.info("initialised from %s", used)
+
+
 def setup(cfg: TrainConfig) -> Run:
     d = init_distributed(cfg.parallel, cfg.device)
     cfg.validate(d.world_size)
@@ -86,11 +98,10 @@ def setup(cfg: TrainConfig) -> Run:
     model.init_weights(cfg.seed)
     log.info("model %s: %.2fM parameters", cfg.model.name, model.num_params() / 1e6)
     ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint, d)
-    if cfg.checkpoint.init_from and ckpt.latest() is None:
-        model.load_state_dict(load_pretrained(cfg.checkpoint.init_from, cfg.model).state_dict(), strict=False)
-        log.info("initialised from %s", cfg.checkpoint.init_from)
     objective = build_objective(cfg.stage, cfg.model, cfg.seed)
     objective.attach(model)  # trainable extras live in model.aux: sharded, optimised, checkpointed
+    if cfg.checkpoint.init_from and ckpt.latest() is None:
+        init_weights_from(model, cfg)
     model.to(d.device)
     model = parallelize(model, cfg.parallel, d)
     optimizer = build_optimizer(model, cfg.optimizer)

@@ -1,6 +1,7 @@
 """The loop's parts: activation checkpointing, LR schedule, EMA, initialising from released weights."""
 
 import math
+import os
 import torch
 
 from trainer.config import OptimizerConfig, ParallelConfig
@@ -122,3 +123,30 @@ def test_released_weights_of_another_size_are_refused_by_name(tmp_path):
         assert "text" in str(e), e
     else:
         raise AssertionError("weights of another size were loaded without complaint")
+
+
+def test_next_stage_starts_from_previous_stage_ema(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from tests.conftest import run_training
+    from trainer.config import TrainConfig
+    from trainer.loop import setup
+    from trainer.model.config import ModelConfig as MC
+
+    root = str(tmp_path / "runs")
+    run_training("experiment=test_tiny", f"run_root={root}", "name=stage1", "stage.steps=3")
+    dcp_to_torch_save(os.path.join(root, "stage1", "checkpoints", "step_00000003"), str(tmp_path / "s1.pt"))
+    saved = torch.load(tmp_path / "s1.pt", weights_only=False)
+
+    import yaml
+
+    tiny = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "../../configs/model/tiny.yaml")))
+    cfg = TrainConfig(name="stage2", run_root=root, device="cpu", model=MC(**tiny))
+    cfg.stage.global_batch_size = cfg.stage.micro_batch_size = 2
+    cfg.checkpoint.init_from = os.path.join(root, "stage1")
+    cfg.log.tensorboard = False
+    got = setup(cfg).model.state_dict()
+    assert saved["ema"].keys() == {n for n, _ in K2DiT(MC(**tiny)).named_parameters()}
+    for name, tensor in saved["ema"].items():
+        assert torch.equal(got[name], tensor), name
+    assert not torch.equal(saved["ema"]["final.linear.weight"], saved["model"]["final.linear.weight"])
