@@ -50,3 +50,25 @@ def test_run_directory_defaults_to_the_slurm_job_id(run_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(os.path.join(run_root, "4242", "config.yaml"))
     assert os.path.exists(os.path.join(run_root, "4242", "checkpoints", "step_00000001"))
+
+
+def test_every_shipped_experiment_and_model_composes_and_validates():
+    import glob
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import trainer.train  # noqa: F401  (registers the schema)
+
+    configs = os.path.join(ROOT, "configs")
+    experiments = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(configs, "experiment", "*.yaml")))
+    models = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(configs, "model", "*.yaml")))
+    assert {"demo", "res_256", "res_512", "res_1024"} <= set(experiments)
+    required = ["data.path=/shards", "checkpoint.init_from=/runs/prev"]
+    for name in experiments:
+        with initialize_config_dir(config_dir=configs, version_base=None):
+            cfg = compose("train", overrides=[f"experiment={name}"] + (required if name.startswith("res_") else []))
+        OmegaConf.to_object(cfg).validate(world_size=1 if name in ("demo", "test_tiny") else 8)
+    for name in models:
+        with initialize_config_dir(config_dir=configs, version_base=None):
+            OmegaConf.to_object(compose("train", overrides=[f"model={name}"])).model.validate()
