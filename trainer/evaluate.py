@@ -1,7 +1,7 @@
 """What a shapes-world run learned: generate for held-out and training prompts,
 check each image against its caption, print the accuracies.
 
-    python -m trainer.evaluate runs/demo [--seeds 4] [--steps 24] [--guidance 3]
+    python -m trainer.evaluate runs/demo [--seeds 2] [--steps 20] [--guidance 3]
 
 Scores the newest checkpoint's EMA weights (live weights with --live) beside the
 untrained model, writes `eval.json` and `eval.png` into the run directory.
@@ -43,7 +43,7 @@ def score(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     return {k: float(np.mean([c[k] for c in checks])) for k in ("colours", "shapes", "relation")}
 
 
-def evaluate(run_dir: str, seeds: int = 4, steps: int = 24, guidance: float = 3.0, live: bool = False) -> dict:
+def evaluate(run_dir: str, seeds: int = 2, steps: int = 20, guidance: float = 3.0, live: bool = False) -> dict:
     cfg = load_run_config(run_dir)
     data = build_shapes_data(cfg.data, os.path.join(run_dir, "assets"), 1)
     side = cfg.data.image_size // data.latents.downsample
@@ -86,8 +86,8 @@ def evaluate(run_dir: str, seeds: int = 4, steps: int = 24, guidance: float = 3.
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
-    p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--live", action="store_true", help="score the live weights instead of the EMA")
     a = p.parse_args()
