@@ -20,6 +20,18 @@ from pathlib import Path
 import torch
 
 
+def _load_vae(class_name: str, path, device, dtype):
+    """A diffusers VAE from its own folder or from a pipeline folder's `vae/`."""
+    import diffusers
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"VAE path {str(path)!r} is not a folder")
+    subfolder = "vae" if (path / "vae" / "config.json").exists() else None
+    vae_cls = getattr(diffusers, class_name)
+    return vae_cls.from_pretrained(str(path), subfolder=subfolder, torch_dtype=dtype).to(device)
+
+
 class PixelLatents:
     """Pixel space: latents = scale * image, optionally average-pooled by `downsample`.
 
@@ -81,13 +93,7 @@ class QwenImageVAELatents:
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, sample_posterior: bool = False) -> "QwenImageVAELatents":
         """Load from a VAE folder, or from a full Qwen-Image pipeline folder (its `vae/` subfolder)."""
-        from diffusers import AutoencoderKLQwenImage
-
-        path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"VAE path {str(path)!r} is not a folder")
-        subfolder = "vae" if (path / "vae" / "config.json").exists() else None
-        vae = AutoencoderKLQwenImage.from_pretrained(str(path), subfolder=subfolder, torch_dtype=dtype).to(device)
+        vae = _load_vae("AutoencoderKLQwenImage", path, device, dtype)
         return cls(vae, sample_posterior=sample_posterior)
 
     def _check_size(self, images_BCHW: torch.Tensor) -> None:
@@ -149,13 +155,7 @@ class Flux2VAELatents:
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, sample_posterior: bool = False) -> "Flux2VAELatents":
         """Load from a VAE folder, or from a full FLUX.2 pipeline folder (its `vae/` subfolder)."""
-        from diffusers import AutoencoderKLFlux2
-
-        path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"VAE path {str(path)!r} is not a folder")
-        subfolder = "vae" if (path / "vae" / "config.json").exists() else None
-        vae = AutoencoderKLFlux2.from_pretrained(str(path), subfolder=subfolder, torch_dtype=dtype).to(device)
+        vae = _load_vae("AutoencoderKLFlux2", path, device, dtype)
         return cls(vae, sample_posterior=sample_posterior)
 
     @staticmethod

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,3 +38,13 @@ def run_training(*overrides: str, nproc: int = 1, timeout: int = 300) -> subproc
 @pytest.fixture
 def run_root(tmp_path):
     return str(tmp_path / "runs")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The tiny models are far faster single-threaded: with 2 cores shared by other jobs,
+    # intra-op thread sync costs ~20x. Restored afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

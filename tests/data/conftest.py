@@ -1,20 +1,9 @@
 """Shared fixtures for the data tests: one tiny text encoder per session."""
 
 import pytest
-import torch
 
 from data.shapes import ShapesWorld
 from data.text import TextEncoder, build_tiny_encoder
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny models are far faster single-threaded: with 2 cores shared by other jobs,
-    # intra-op thread sync costs ~20x. Restored so tests outside tests/data are unaffected.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -54,19 +54,7 @@ def inputs(cfg: ModelConfig, B=3, T=7, h=4, w=5):
 
 
 def diffusers_from_folder(folder) -> Krea2Transformer2DModel:
-    """diffusers' own loading of a saved folder. Its `from_pretrained` needs `accelerate` for
-    this class (fp32-kept norms); without it, use diffusers' config and safetensors readers."""
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        from diffusers.models.model_loading_utils import load_state_dict
-
-        model = Krea2Transformer2DModel.from_config(Krea2Transformer2DModel.load_config(folder))
-        sd = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            sd.update(load_state_dict(str(f)))
-        model.load_state_dict(sd, strict=True)
-        return model.eval()
+    """diffusers' own loading of a saved folder (its from_pretrained, accelerate installed)."""
     return Krea2Transformer2DModel.from_pretrained(folder).eval()
 
 

@@ -23,15 +23,6 @@ from trainer.repa import RepaConfig, RepaProjector, alignment_loss, spatial_norm
 N_IMAGES, BATCH, STEPS = 32, 8, 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run far faster single-threaded on the shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg() -> ModelConfig:
     # 32x32 RGB in pixel space, patch 4: an 8x8 token grid, the tiny DINOv3's grid at patch 4.
     return ModelConfig(name="tiny", latent_channels=3, patch_size=4, dim=64, num_blocks=3, num_heads=2,
