@@ -1,0 +1,3 @@
+from krablet.cli import main
+
+raise SystemExit(main())

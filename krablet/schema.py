@@ -1,0 +1,94 @@
+"""Tables, indexes and migrations of one Krablet shard (SQLAlchemy Core).
+
+Every shard holds the same schema. Migrations are an ordered list of
+functions; ``krablet_schema_version`` records which ones ran, and ``migrate``
+applies the missing ones under an advisory lock so that several processes
+calling ``init`` at once do not race.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+STATES = ("blocked", "pending", "running", "done", "dead")
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "krablet_jobs",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    # Idempotency key: resubmitting the same key is a no-op. It also routes the
+    # job to its shard and names it in other jobs' dependency lists.
+    sa.Column("key", sa.Text, nullable=False, unique=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("payload", JSONB, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("state", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="5"),
+    sa.Column("lease_owner", sa.Text),
+    sa.Column("lease_expires_at", sa.DateTime(timezone=True)),
+    # Keys of jobs (possibly on other shards) that must be done first.
+    sa.Column("deps", ARRAY(sa.Text), nullable=False, server_default="{}"),
+    sa.Column("result", JSONB),
+    sa.Column("errors", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.CheckConstraint(f"state IN {STATES!r}", name="krablet_jobs_state_check"),
+    sa.CheckConstraint("max_attempts >= 1", name="krablet_jobs_max_attempts_check"),
+    # Partial indexes keep the claim path an index scan however many done rows pile up.
+    sa.Index("krablet_jobs_pending_idx", sa.text("priority DESC"), "id", postgresql_where=sa.text("state = 'pending'")),
+    sa.Index("krablet_jobs_lease_idx", "lease_expires_at", postgresql_where=sa.text("state = 'running'")),
+    sa.Index("krablet_jobs_blocked_idx", "id", postgresql_where=sa.text("state = 'blocked'")),
+    sa.Index("krablet_jobs_finished_idx", "finished_at", postgresql_where=sa.text("finished_at IS NOT NULL")),
+)
+
+schema_version = sa.Table(
+    "krablet_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+
+def _v1_create_tables(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[jobs])
+    # A queue table churns: every job is updated 2+ times. Vacuum and analyze it far
+    # more often than the 20% default, so dead rows and stale planner estimates
+    # (which turn the claim's index scan into scan-everything-and-sort) do not pile up.
+    conn.execute(sa.text(
+        "ALTER TABLE krablet_jobs SET (autovacuum_vacuum_scale_factor = 0.02,"
+        " autovacuum_analyze_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0)"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_create_tables]
+_LOCK_ID = 0x6B7261626C6574  # "krablet"
+
+
+def engine_for(dsn: str) -> sa.Engine:
+    # A creator keeps libpq's own DSN parsing (socket dirs in ?host=, keyword form).
+    return sa.create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=sa.NullPool)
+
+
+def migrate(dsn: str) -> int:
+    """Bring one shard to the newest schema version; returns that version."""
+    engine = engine_for(dsn)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_ID})
+            schema_version.create(conn, checkfirst=True)
+            done = set(conn.execute(sa.select(schema_version.c.version)).scalars())
+            for version, step in enumerate(MIGRATIONS, start=1):
+                if version not in done:
+                    step(conn)
+                    conn.execute(schema_version.insert().values(version=version))
+        return len(MIGRATIONS)
+    finally:
+        engine.dispose()

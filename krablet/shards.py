@@ -1,0 +1,178 @@
+"""Routing jobs to PostgreSQL shards, shard health, and cross-shard dependencies.
+
+Routing: a job lives on shard ``blake2b(key) mod N`` (stable across processes
+and Python versions, unlike ``hash``). Changing N re-routes keys, so the shard
+list of a deployment is fixed once jobs exist.
+
+Health: a shard whose connection fails is marked down and skipped, and retried
+after a jittered exponential backoff (0.5 s doubling, capped at 10 s); work
+goes on on the other shards and nothing of the down shard is lost, since its
+jobs are rows in its own database.
+
+Dependencies: a job stores the *keys* it depends on (they may live on other
+shards). A job submitted with deps starts in state 'blocked', which the claim
+query never looks at. ``promote`` (run by idle workers and by ``drain``) reads
+each shard's blocked jobs, asks the owning shard of each dep key whether it is
+'done', and moves the job to 'pending' only when all are. This is correct
+without distributed transactions because 'done' is terminal: once a dep was
+seen done it stays done, so a promotion can never be premature. A dep that is
+missing or dead leaves its dependents blocked (``status`` shows them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import time
+from collections import defaultdict
+
+import psycopg
+
+from krablet.queue import NewJob, ShardQueue, connect, insert_jobs
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % num_shards
+
+
+def mask_dsn(dsn: str) -> str:
+    """A DSN safe to print: the password (URL or keyword form) replaced by ***."""
+    dsn = re.sub(r"(://[^:/@?]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn, flags=re.I)
+
+
+class Shard:
+    """One shard: a lazily opened connection, marked down on connection errors."""
+
+    def __init__(self, index: int, dsn: str, **queue_kw):
+        self.index = index
+        self.dsn = dsn
+        self.queue_kw = queue_kw
+        self._queue: ShardQueue | None = None
+        self.failures = 0
+        self.down_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"Shard({self.index}, {mask_dsn(self.dsn)})"
+
+    def queue(self) -> ShardQueue | None:
+        """The shard's queue, or None while it is marked down."""
+        if self._queue is not None and not self._queue.conn.closed:
+            return self._queue
+        if time.monotonic() < self.down_until:
+            return None
+        try:
+            self._queue = ShardQueue(connect(self.dsn), **self.queue_kw)
+        except psycopg.OperationalError:
+            self.mark_down()
+            return None
+        return self._queue
+
+    def mark_down(self) -> None:
+        if self._queue is not None:
+            try:
+                self._queue.conn.close()
+            except Exception:
+                pass
+            self._queue = None
+        self.failures += 1
+        delay = min(0.5 * 2 ** (self.failures - 1), 10.0)
+        self.down_until = time.monotonic() + delay * random.uniform(0.5, 1.0)
+
+    def mark_up(self) -> None:
+        self.failures = 0
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.conn.close()
+            self._queue = None
+
+
+# Errors that mean "this shard is unreachable right now", not "this query is wrong".
+SHARD_DOWN_ERRORS = (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.InterfaceError)
+
+
+class ShardSet:
+    def __init__(self, dsns: list[str], **queue_kw):
+        if not dsns:
+            raise ValueError("no shard DSNs")
+        self.shards = [Shard(i, dsn, **queue_kw) for i, dsn in enumerate(dsns)]
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def for_key(self, key: str) -> Shard:
+        return self.shards[shard_of(key, len(self.shards))]
+
+    def submit(self, new_jobs: list[NewJob]) -> list[str]:
+        """Validate every job, then insert each shard's group in one statement.
+        Returns the keys that were new. Raises if a target shard is down."""
+        new_jobs = [j.with_key() for j in new_jobs]
+        from krablet.kinds import validate_payload
+
+        for job in new_jobs:  # validate all before writing any shard
+            validate_payload(job.kind, job.payload)
+        groups: dict[int, list[NewJob]] = defaultdict(list)
+        for job in new_jobs:
+            groups[shard_of(job.key, len(self.shards))].append(job)
+        inserted: list[str] = []
+        for index, group in sorted(groups.items()):
+            with connect(self.shards[index].dsn) as conn:
+                inserted += insert_jobs(conn, group)
+        return inserted
+
+    def promote(self) -> int | None:
+        """Move blocked jobs whose deps are all done to pending, on every shard that is up.
+        Returns the number promoted, or None if some shard could not be checked."""
+        promoted, complete = 0, True
+        for shard in self.shards:
+            q = shard.queue()
+            if q is None:
+                complete = False
+                continue
+            try:
+                blocked = q.conn.execute(
+                    "SELECT id, deps FROM krablet_jobs WHERE state = 'blocked' ORDER BY id LIMIT 5000").fetchall()
+            except SHARD_DOWN_ERRORS:
+                shard.mark_down()
+                complete = False
+                continue
+            if not blocked:
+                continue
+            done, known = self._done_keys({k for _, deps in blocked for k in deps})
+            ready = [i for i, deps in blocked if all(k in done for k in deps)]
+            complete &= all(all(k in known for k in deps) for _, deps in blocked)
+            if ready:
+                try:
+                    promoted += q.conn.execute(
+                        "UPDATE krablet_jobs SET state = 'pending', next_attempt_at = now(), updated_at = now()"
+                        " WHERE id = ANY(%s) AND state = 'blocked'", (ready,)).rowcount
+                except SHARD_DOWN_ERRORS:
+                    shard.mark_down()
+                    complete = False
+        return promoted if complete else None
+
+    def _done_keys(self, keys: set[str]) -> tuple[set[str], set[str]]:
+        """(keys that are done, keys whose shard answered)."""
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for k in keys:
+            by_shard[shard_of(k, len(self.shards))].append(k)
+        done: set[str] = set()
+        known: set[str] = set()
+        for index, ks in by_shard.items():
+            shard = self.shards[index]
+            q = shard.queue()
+            if q is None:
+                continue
+            try:
+                done |= {r[0] for r in q.conn.execute(
+                    "SELECT key FROM krablet_jobs WHERE key = ANY(%s) AND state = 'done'", (ks,))}
+                known |= set(ks)
+            except SHARD_DOWN_ERRORS:
+                shard.mark_down()
+        return done, known
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()

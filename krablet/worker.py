@@ -1,0 +1,253 @@
+"""The worker loop and the process pool.
+
+One worker = one process with one connection per shard. It rotates over the
+shards, claims a batch, runs each job's handler, then completes the successes
+and fails the failures in one statement each. A heartbeat thread renews the
+leases of the batch in flight (every lease/3), so a long job is not re-run
+while its worker is alive; a worker that dies stops renewing and its jobs are
+reclaimed once the lease expires.
+
+When idle it polls with jittered exponential backoff (no LISTEN/NOTIFY: it
+takes a global lock at commit) and runs the cross-shard ``promote`` pass.
+
+SIGTERM/SIGINT: the job being run finishes, the rest of the batch is released
+(back to pending, the attempt not counted), results are written, then exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from krablet.kinds import REGISTRY, JobContext, import_kinds
+from krablet.queue import Job, connect
+from krablet.shards import SHARD_DOWN_ERRORS, Shard, ShardSet
+
+log = logging.getLogger("krablet.worker")
+
+
+@dataclass
+class WorkerConfig:
+    dsns: list[str]
+    batch_size: int = 100  # jobs per claim statement
+    lease_s: float = 30.0  # renewed by the heartbeat; a dead worker's jobs come back after this
+    backoff_base_s: float = 1.0  # failed attempt k waits base * 2^(k-1) ...
+    backoff_cap_s: float = 300.0  # ... at most this long
+    idle_min_s: float = 0.02  # idle polling backoff range
+    idle_max_s: float = 1.0
+    promote_every_s: float = 1.0
+    drain: bool = False  # exit 0 once no runnable work remains on any shard
+    kind_modules: list[str] = field(default_factory=list)  # modules that register extra kinds
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig):
+        import_kinds(config.kind_modules)
+        self.config = config
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.shards = ShardSet(config.dsns, lease_s=config.lease_s, backoff_base_s=config.backoff_base_s,
+                               backoff_cap_s=config.backoff_cap_s)
+        self.stopping = False
+        # Outcomes that could not be written because the shard went down: retried when it is back.
+        self.unsent: dict[int, tuple[dict[int, Any], dict[int, str]]] = {}
+        self.num_done = self.num_failed = self.num_lost = 0
+        self._in_flight: tuple[int, list[int]] | None = None  # (shard index, job ids)
+        self._lock = threading.Lock()
+
+    def stop(self, *_):
+        self.stopping = True
+
+    # -- main loop ---------------------------------------------------------------
+
+    def run(self) -> int:
+        heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True)
+        heartbeat.start()
+        idle = self.config.idle_min_s
+        last_promote = 0.0
+        offset = random.randrange(len(self.shards))
+        try:
+            while not self.stopping:
+                worked = False
+                for i in range(len(self.shards)):
+                    if self.stopping:
+                        break
+                    worked |= self._step(self.shards.shards[(offset + i) % len(self.shards)])
+                offset += 1
+                if worked:
+                    idle = self.config.idle_min_s
+                    continue
+                promoted = None
+                if time.monotonic() - last_promote >= self.config.promote_every_s or self.config.drain:
+                    promoted = self.shards.promote()
+                    last_promote = time.monotonic()
+                    if promoted:
+                        continue
+                if self.config.drain and promoted == 0 and not self.unsent and self._nothing_left():
+                    break
+                time.sleep(idle * random.uniform(0.5, 1.0))
+                idle = min(idle * 2, self.config.idle_max_s)
+        finally:
+            self.stopping = True
+            for shard in self.shards.shards:
+                if shard.index in self.unsent:
+                    self._sync(shard, claim=False)
+            self.shards.close()
+        log.info("worker %s exits: %d done, %d failed, %d lost", self.owner, self.num_done, self.num_failed,
+                 self.num_lost)
+        return 0
+
+    def _step(self, shard: Shard) -> bool:
+        """Write this shard's buffered outcomes and claim its next batch in one
+        transaction (one commit, so one fsync, per batch), then run the batch.
+        True if it ran jobs."""
+        jobs = self._sync(shard, claim=True)
+        if not jobs:
+            return False
+        self._run_batch(shard, jobs)
+        return True
+
+    def _sync(self, shard: Shard, claim: bool) -> list[Job] | None:
+        """Complete/fail the buffered outcomes of ``shard`` and optionally claim a
+        batch, atomically. None if the shard is unreachable (outcomes stay buffered)."""
+        q = shard.queue()
+        if q is None:
+            return None
+        results, errors = self.unsent.get(shard.index, ({}, {}))
+        try:
+            with q.conn.transaction():
+                lost = q.complete(self.owner, results)
+                dead, lost_f = q.fail(self.owner, errors)
+                jobs = q.claim(self.owner, self.config.batch_size) if claim and not self.stopping else []
+        except SHARD_DOWN_ERRORS as e:
+            log.warning("shard %d unreachable: %s", shard.index, type(e).__name__)
+            shard.mark_down()
+            return None
+        shard.mark_up()
+        with self._lock:
+            self.unsent.pop(shard.index, None)
+            if jobs:
+                self._in_flight = (shard.index, [j.id for j in jobs])
+        if lost or lost_f:
+            log.warning("lost the lease of %d jobs on shard %d (another worker took them): %s",
+                        len(lost) + len(lost_f), shard.index, (lost + lost_f)[:10])
+        if dead:
+            log.warning("%d jobs dead-lettered on shard %d", len(dead), shard.index)
+        self.num_done += len(results) - len(lost)
+        self.num_failed += len(errors) - len(lost_f)
+        self.num_lost += len(lost) + len(lost_f)
+        return jobs
+
+    def _run_batch(self, shard: Shard, jobs: list[Job]) -> None:
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        unrun: list[int] = []
+        for job in jobs:
+            if self.stopping:
+                unrun.append(job.id)
+                continue
+            handler = REGISTRY.get(job.kind)
+            try:
+                if handler is None:
+                    raise LookupError(f"no handler registered for kind {job.kind!r} in this worker")
+                results[job.id] = handler.handler(job.payload, JobContext(job.key, job.attempts, self.owner))
+            except Exception as e:  # the job failed, not the worker
+                errors[job.id] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+        # Outcomes are written with the next claim on this shard (or at exit); until
+        # then the heartbeat keeps their leases.
+        with self._lock:
+            self._in_flight = None
+            self.unsent[shard.index] = (results, errors)
+        if unrun:
+            q = shard.queue()
+            try:
+                if q is not None:
+                    q.release(self.owner, unrun)
+            except SHARD_DOWN_ERRORS:
+                shard.mark_down()  # they come back when the lease expires
+
+    def _held_ids(self) -> dict[int, list[int]]:
+        """Per shard, the ids whose leases we must keep: running now or outcome not yet written."""
+        with self._lock:
+            held = {i: list(r) + list(e) for i, (r, e) in self.unsent.items()}
+            if self._in_flight is not None:
+                index, ids = self._in_flight
+                held[index] = held.get(index, []) + ids
+        return held
+
+    def _nothing_left(self) -> bool:
+        for shard in self.shards.shards:
+            q = shard.queue()
+            if q is None:
+                return False
+            try:
+                if q.outstanding():
+                    return False
+            except SHARD_DOWN_ERRORS:
+                shard.mark_down()
+                return False
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        """Every lease/3, renew the leases of every job this worker still holds."""
+        conns: dict[int, Any] = {}
+        while not self.stopping:
+            time.sleep(self.config.lease_s / 3)
+            for index, ids in self._held_ids().items():
+                if not ids:
+                    continue
+                try:
+                    if index not in conns or conns[index].closed:
+                        conns[index] = connect(self.shards.shards[index].dsn)
+                    kept = {r[0] for r in conns[index].execute(
+                        "UPDATE krablet_jobs SET lease_expires_at = now() + make_interval(secs => %s)"
+                        " WHERE id = ANY(%s) AND lease_owner = %s AND state = 'running' RETURNING id",
+                        (self.config.lease_s, ids, self.owner))}
+                    if len(kept) < len(ids):
+                        log.warning("heartbeat: %d jobs no longer ours on shard %d", len(ids) - len(kept), index)
+                except SHARD_DOWN_ERRORS:
+                    conns.pop(index, None)
+        for conn in conns.values():
+            conn.close()
+
+
+def _child(config: WorkerConfig) -> int:
+    worker = Worker(config)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    return worker.run()
+
+
+def _child_entry(config: WorkerConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    raise SystemExit(_child(config))
+
+
+def run_pool(config: WorkerConfig, num_procs: int = 1) -> int:
+    """Run ``num_procs`` worker processes (in this process when 1); SIGTERM is forwarded to all."""
+    if num_procs <= 1:
+        return _child(config)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_child_entry, args=(config,)) for _ in range(num_procs)]
+    for p in procs:
+        p.start()
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()
+    return max(p.exitcode or 0 for p in procs) if all(p.exitcode is not None and p.exitcode >= 0 for p in procs) else 1
