@@ -1,0 +1,126 @@
+"""Shard writing as Krablet jobs: one `shards.write_chunk` job per input chunk,
+then one `shards.index` job that depends on all of them.
+
+    python -m krablet.pipeline --input /data/images --output /shards/256 --workers 8 [--dsn ...]
+
+Job keys are (output folder, chunk name), so submitting the same ingestion
+twice adds nothing, and a chunk job re-run after a worker died rewrites the
+same shard names (`data.writer.write_chunk` publishes a chunk atomically and
+skips a finished one): no sample is lost or written twice.
+"""
+
+import argparse
+import os
+from dataclasses import asdict
+
+from data.shard_inputs import Chunk, list_chunks
+from data.writer import WriterConfig, build_index, write_chunk
+from krablet.kinds import kind, require
+from krablet.queue import NewJob
+
+# Loading a text encoder (4B parameters in production) per job would dominate
+# the job, so each worker process keeps the ones it has built.
+_ENCODERS: dict[tuple, tuple] = {}
+
+
+def _encoders(p: dict):
+    from data.latents import make_latents
+    from data.text import TextEncoder
+
+    key = (p["encoder"], tuple(p["text_layers"]), p["text_len"], p["latents"], p.get("vae_path"),
+           p.get("pixel_downsample", 1), p.get("device", "cpu"))  # fmt: skip
+    if key not in _ENCODERS:
+        encoder = TextEncoder.from_pretrained(p["encoder"], layers=p["text_layers"], max_len=p["text_len"],
+                                              device=p.get("device", "cpu"))
+        latents = make_latents(p["latents"], p.get("vae_path"), device=p.get("device", "cpu"),
+                               pixel_downsample=p.get("pixel_downsample", 1))
+        _ENCODERS[key] = (latents, encoder)
+    return _ENCODERS[key]
+
+
+def _validate_chunk(p: dict) -> None:
+    require(p, chunk=dict, out=str, encoder=str, latents=str, text_len=int, text_layers=list, writer=dict)
+    Chunk.from_json(p["chunk"])  # raises on a malformed chunk
+    WriterConfig(**p["writer"])
+
+
+@kind("shards.write_chunk", validate=_validate_chunk)
+def write_chunk_job(payload: dict, ctx) -> dict:
+    latents, encoder = _encoders(payload)
+    marker = write_chunk(Chunk.from_json(payload["chunk"]), payload["out"], latents, encoder,
+                         WriterConfig(**payload["writer"]))
+    return {"accepted": marker["accepted"], "rejects": marker["rejects"]}
+
+
+@kind("shards.index", validate=lambda p: require(p, out=str))
+def index_job(payload: dict, ctx) -> dict:
+    index = build_index(payload["out"])
+    return {"total": index["total"], "shards": len(index["shards"])}
+
+
+def ingest_jobs(inputs: str, out: str, encoder: str, chunk_size: int = 1000, text_len: int = 512,
+                text_layers: list[int] | None = None, latents: str = "pixels", vae_path: str | None = None,
+                pixel_downsample: int = 1, writer: WriterConfig | None = None, device: str = "cpu") -> list[NewJob]:
+    """The jobs that write `inputs` into shards at `out`: the chunk jobs, then the index job."""
+    out = os.path.abspath(out)
+    common = {"out": out, "encoder": os.path.abspath(encoder), "text_len": text_len,
+              "text_layers": list(text_layers or [1, 2, 3, 4]), "latents": latents, "vae_path": vae_path,
+              "pixel_downsample": pixel_downsample, "writer": asdict(writer or WriterConfig()), "device": device}
+    chunks = [NewJob("shards.write_chunk", {**common, "chunk": c.to_json()}, key=f"shards:{out}:{c.name}")
+              for c in list_chunks(inputs, chunk_size)]
+    index = NewJob("shards.index", {"out": out}, key=f"shards:{out}:index", deps=tuple(j.key for j in chunks))
+    return chunks + [index]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data.shapes import ShapesWorld
+    from data.shapes_loader import ensure_tiny_encoder
+    from krablet.cli import shard_dsns
+    from krablet.schema import migrate
+    from krablet.shards import ShardSet
+    from krablet.worker import WorkerConfig, run_pool
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder, .tar, or shapes:N[:SIZE[:SEED]]")
+    p.add_argument("--output", required=True, help="shard directory")
+    p.add_argument("--chunk-size", type=int, default=1000)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--encoder", default=None, help="Qwen3-VL folder; default: the tiny demo encoder")
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--text-layers", type=int, nargs="+", default=None)
+    p.add_argument("--latents", default="pixels", choices=["pixels", "qwen_image", "flux2"])
+    p.add_argument("--vae-path", default=None)
+    p.add_argument("--pixel-downsample", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="worker processes here (more can join from elsewhere)")
+    p.add_argument("--dsn", action="append", help="shard DSN (repeat); default $KRABLET_DSNS, else embedded")
+    p.add_argument("--run-dir", default="runs/krablet", help="embedded PostgreSQL lives here")
+    p.add_argument("--shards", type=int, default=1, help="embedded shard count")
+    args = p.parse_args(argv)
+
+    encoder = args.encoder or ensure_tiny_encoder(os.path.join(args.output, "text_encoder"),
+                                                  ShapesWorld().all_captions())
+    layers = args.text_layers or ([1, 2, 3, 4] if args.encoder is None else list(range(2, 36, 3)))
+    jobs = ingest_jobs(args.input, args.output, encoder, args.chunk_size, args.text_len, layers, args.latents,
+                       args.vae_path, args.pixel_downsample, WriterConfig(resolution=args.resolution))
+    with shard_dsns(args) as dsns:
+        for dsn in dsns:
+            migrate(dsn)
+        shards = ShardSet(dsns)
+        try:
+            shards.submit(jobs)
+        finally:
+            shards.close()
+        print(f"submitted {len(jobs) - 1} chunk jobs + 1 index job; running {args.workers} workers until drained")
+        rc = run_pool(WorkerConfig(dsns, drain=True, kind_modules=["krablet.pipeline"]), args.workers)
+    index_path = os.path.join(args.output, "index.json")
+    if rc == 0 and os.path.exists(index_path):
+        import json
+
+        with open(index_path) as f:
+            index = json.load(f)
+        print(f"{args.output}: {index['total']} samples in {len(index['shards'])} shards")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
