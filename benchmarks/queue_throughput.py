@@ -1,6 +1,6 @@
 """Krablet queue throughput (claim + complete of no-op jobs) beside pgqueuer, on one embedded PostgreSQL.
 
-    python benchmarks/queue_throughput.py [--jobs 30000] [--procs 1 4 16] [--batch 100]
+    python benchmarks/queue_throughput.py [--jobs 60000] [--procs 1 4 16] [--batch 100]
 
 Durable commits (fsync and synchronous_commit on, the server defaults).
 Krablet runs its real worker loop (krablet.worker.Worker in drain mode) on one
@@ -140,7 +140,7 @@ def bench_pgqueuer(pg, num_procs, num_jobs, batch, tag) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=30_000)
+    parser.add_argument("--jobs", type=int, default=60_000)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "queue_throughput.json"))

@@ -13,7 +13,6 @@ the ids it did not get back are reported as lost.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -99,12 +98,20 @@ WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s AND state = 'running'
 RETURNING id
 """
 
+# Success: the live row moves to the archive with its result, in one statement
+# (so in one transaction): the job's effect is recorded exactly once.
 _COMPLETE = """
-UPDATE krablet_jobs j SET state = 'done', result = r.result, lease_expires_at = NULL,
-    finished_at = now(), updated_at = now()
-FROM unnest(%(ids)s::bigint[], %(results)s::jsonb[]) AS r(id, result)
-WHERE j.id = r.id AND j.lease_owner = %(owner)s AND j.state = 'running'
-RETURNING j.id
+WITH finished AS (
+    DELETE FROM krablet_jobs j USING (
+        SELECT (e->>0)::bigint AS id, e->1 AS result FROM jsonb_array_elements(%(outcomes)s::jsonb) e) r
+    WHERE j.id = r.id AND j.lease_owner = %(owner)s AND j.state = 'running'
+    RETURNING j.key, j.id, j.kind, j.payload, j.priority, j.attempts, j.max_attempts, j.deps, j.lease_owner,
+              r.result, j.errors, j.created_at
+)
+INSERT INTO krablet_jobs_done (key, id, kind, payload, priority, attempts, max_attempts, deps, owner, result,
+                               errors, created_at, finished_at)
+SELECT *, now() FROM finished
+RETURNING id
 """
 
 # Backoff: base * 2^(attempts-1), capped, so the first retry waits `base`.
@@ -129,16 +136,27 @@ WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s AND state = 'running'
 RETURNING id
 """
 
+# A key already live (ON CONFLICT) or already done (the archive) is a no-op.
 _INSERT = """
 INSERT INTO krablet_jobs (key, kind, payload, priority, max_attempts, deps, state)
 SELECT k, kd, p, pr, ma, COALESCE((SELECT array_agg(x) FROM jsonb_array_elements_text(d) x), '{}'),
        CASE WHEN jsonb_array_length(d) > 0 THEN 'blocked' ELSE 'pending' END
 FROM unnest(%(keys)s::text[], %(kinds)s::text[], %(payloads)s::jsonb[], %(prios)s::int[],
-            %(max_attempts)s::int[], %(deps)s::jsonb[]) AS t(k, kd, p, pr, ma, d)
+            %(max_attempts)s::int[], %(deps)s::jsonb[]) WITH ORDINALITY AS t(k, kd, p, pr, ma, d, ord)
+WHERE NOT EXISTS (SELECT 1 FROM krablet_jobs_done WHERE key = t.k)
+ORDER BY ord  -- ids (the age order of claims) follow the submission order
 ON CONFLICT (key) DO NOTHING
 RETURNING key
 """
 
+# The insert's NOT EXISTS reads the statement's snapshot: a job with the same key
+# that completed while the insert waited on its row lock is in the archive but was
+# not seen. This second statement (a fresh snapshot) drops such duplicates before commit.
+_DROP_ARCHIVED = """
+DELETE FROM krablet_jobs j WHERE j.key = ANY(%(keys)s)
+  AND EXISTS (SELECT 1 FROM krablet_jobs_done d WHERE d.key = j.key)
+RETURNING j.key
+"""
 
 def insert_jobs(conn: psycopg.Connection, new_jobs: list[NewJob]) -> list[str]:
     """Validate then insert in one statement; returns the keys actually inserted
@@ -149,6 +167,15 @@ def insert_jobs(conn: psycopg.Connection, new_jobs: list[NewJob]) -> list[str]:
             raise ValueError(f"{job.kind}: max_attempts must be >= 1")
     if not new_jobs:
         return []
+    with conn.transaction():
+        inserted = _insert(conn, new_jobs)
+        if inserted:
+            dropped = {r[0] for r in conn.execute(_DROP_ARCHIVED, {"keys": inserted})}
+            inserted = [k for k in inserted if k not in dropped]
+    return inserted
+
+
+def _insert(conn: psycopg.Connection, new_jobs: list[NewJob]) -> list[str]:
     rows = conn.execute(
         _INSERT,
         {
@@ -188,10 +215,11 @@ class ShardQueue:
         """Mark jobs done in one statement; returns the ids that were lost (not owned any more)."""
         if not results:
             return []
-        ids = list(results)
-        done = {r[0] for r in self.conn.execute(
-            _COMPLETE, {"ids": ids, "results": [json.dumps(results[i]) for i in ids], "owner": owner})}
-        return [i for i in ids if i not in done]
+        # One JSON document [[id, result], ...]: a single C-speed dump, where a
+        # jsonb[] parameter is quoted element by element in Python.
+        outcomes = Jsonb([[i, r] for i, r in results.items()])
+        done = {r[0] for r in self.conn.execute(_COMPLETE, {"outcomes": outcomes, "owner": owner})}
+        return [i for i in results if i not in done]
 
     def fail(self, owner: str, errors: dict[int, str]) -> tuple[list[int], list[int]]:
         """Record failed attempts; returns (ids now dead, ids lost)."""
@@ -218,13 +246,18 @@ class ShardQueue:
         return cur.rowcount
 
     def counts(self) -> dict[tuple[str, str], int]:
-        rows = self.conn.execute("SELECT state, kind, count(*) FROM krablet_jobs GROUP BY state, kind").fetchall()
+        rows = self.conn.execute(
+            "SELECT state, kind, count(*) FROM krablet_jobs GROUP BY state, kind"
+            " UNION ALL SELECT 'done', kind, count(*) FROM krablet_jobs_done GROUP BY kind").fetchall()
         return {(s, k): c for s, k, c in rows}
 
     def finished_since(self, seconds: float) -> int:
         return self.conn.execute(
-            "SELECT count(*) FROM krablet_jobs WHERE finished_at > now() - make_interval(secs => %s)"
-            " AND state = 'done'", (seconds,)).fetchone()[0]
+            "SELECT count(*) FROM krablet_jobs_done WHERE finished_at > now() - make_interval(secs => %s)",
+            (seconds,)).fetchone()[0]
+
+    def done_keys(self, keys: list[str]) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT key FROM krablet_jobs_done WHERE key = ANY(%s)", (keys,))}
 
     def outstanding(self) -> int:
         """Jobs that can still run without outside help: pending (incl. backing off) or running."""

@@ -1,5 +1,12 @@
 """Tables, indexes and migrations of one Krablet shard (SQLAlchemy Core).
 
+Live jobs (blocked, pending, running, dead) are rows of ``krablet_jobs``. A
+job that succeeds is moved, in the statement that records its result, to the
+append-only ``krablet_jobs_done``: deleting a live row and appending an
+archive row costs less than rewriting a status column on an indexed table,
+and keeps the live table (and its claim index) as small as the backlog.
+The view ``krablet_job_states`` shows both with one ``state`` column.
+
 Every shard holds the same schema. Migrations are an ordered list of
 functions; ``krablet_schema_version`` records which ones ran, and ``migrate``
 applies the missing ones under an advisory lock so that several processes
@@ -14,7 +21,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
-STATES = ("blocked", "pending", "running", "done", "dead")
+STATES = ("blocked", "pending", "running", "done", "dead")  # 'done' rows live in krablet_jobs_done from v2
 
 metadata = sa.MetaData()
 
@@ -50,6 +57,26 @@ jobs = sa.Table(
     sa.Index("krablet_jobs_finished_idx", "finished_at", postgresql_where=sa.text("finished_at IS NOT NULL")),
 )
 
+jobs_done = sa.Table(
+    "krablet_jobs_done",
+    metadata,
+    # The key stays unique across both tables: submit checks this one too.
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("id", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("payload", JSONB, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("deps", ARRAY(sa.Text), nullable=False),
+    sa.Column("owner", sa.Text, nullable=False),  # the worker that completed it
+    sa.Column("result", JSONB),
+    sa.Column("errors", JSONB, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("krablet_jobs_done_finished_idx", "finished_at"),
+)
+
 schema_version = sa.Table(
     "krablet_schema_version",
     metadata,
@@ -68,7 +95,26 @@ def _v1_create_tables(conn: sa.Connection) -> None:
         " autovacuum_analyze_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0)"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_create_tables]
+_DONE_COLUMNS = "key, id, kind, payload, priority, attempts, max_attempts, deps, result, errors, created_at, finished_at"
+_DONE_FROM_LIVE = _DONE_COLUMNS.replace("deps,", "deps, lease_owner,")
+
+
+def _v2_archive_done_jobs(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[jobs_done])
+    conn.execute(sa.text(
+        f"INSERT INTO krablet_jobs_done ({_DONE_COLUMNS.replace('deps,', 'deps, owner,')}) SELECT {_DONE_FROM_LIVE}"
+        " FROM krablet_jobs"
+        " WHERE state = 'done'"))
+    conn.execute(sa.text("DELETE FROM krablet_jobs WHERE state = 'done'"))
+    conn.execute(sa.text(
+        "CREATE VIEW krablet_job_states AS"
+        " SELECT id, key, kind, payload, priority, state, attempts, max_attempts, lease_owner, deps, result, errors,"
+        " created_at, finished_at FROM krablet_jobs"
+        " UNION ALL SELECT id, key, kind, payload, priority, 'done', attempts, max_attempts, owner, deps, result,"
+        " errors, created_at, finished_at FROM krablet_jobs_done"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_create_tables, _v2_archive_done_jobs]
 _LOCK_ID = 0x6B7261626C6574  # "krablet"
 
 

@@ -13,7 +13,7 @@ Dependencies: a job stores the *keys* it depends on (they may live on other
 shards). A job submitted with deps starts in state 'blocked', which the claim
 query never looks at. ``promote`` (run by idle workers and by ``drain``) reads
 each shard's blocked jobs, asks the owning shard of each dep key whether it is
-'done', and moves the job to 'pending' only when all are. This is correct
+done (in its archive), and moves the job to 'pending' only when all are. This is correct
 without distributed transactions because 'done' is terminal: once a dep was
 seen done it stays done, so a promotion can never be premature. A dep that is
 missing or dead leaves its dependents blocked (``status`` shows them).
@@ -166,8 +166,7 @@ class ShardSet:
             if q is None:
                 continue
             try:
-                done |= {r[0] for r in q.conn.execute(
-                    "SELECT key FROM krablet_jobs WHERE key = ANY(%s) AND state = 'done'", (ks,))}
+                done |= q.done_keys(ks)
                 known |= set(ks)
             except SHARD_DOWN_ERRORS:
                 shard.mark_down()

@@ -67,4 +67,4 @@ def executions(log: str) -> tuple[list[str], list[str]]:
 
 def count_states(dsn: str) -> dict[str, int]:
     with psycopg.connect(dsn) as conn:
-        return dict(conn.execute("SELECT state, count(*) FROM krablet_jobs GROUP BY state").fetchall())
+        return dict(conn.execute("SELECT state, count(*) FROM krablet_job_states GROUP BY state").fetchall())

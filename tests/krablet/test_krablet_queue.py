@@ -14,7 +14,7 @@ from krablet.worker import Worker, WorkerConfig
 
 def job_row(dsn, key):
     with psycopg.connect(dsn) as conn:
-        cur = conn.execute("SELECT * FROM krablet_jobs WHERE key = %s", (key,))
+        cur = conn.execute("SELECT * FROM krablet_job_states WHERE key = %s", (key,))
         names = [d.name for d in cur.description]
         row = cur.fetchone()
         return dict(zip(names, row)) if row else None
@@ -22,9 +22,9 @@ def job_row(dsn, key):
 
 def test_migrate_is_versioned_and_idempotent(make_shards):
     (dsn,) = make_shards(1)
-    assert migrate(dsn) == 1  # second run: nothing to do
+    assert migrate(dsn) == 2  # second run: nothing to do
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT array_agg(version) FROM krablet_schema_version").fetchone()[0] == [1]
+        assert conn.execute("SELECT array_agg(version) FROM krablet_schema_version").fetchone()[0] == [1, 2]
 
 
 def test_malformed_payload_rejected_at_submit_and_nothing_written(make_shards):
@@ -52,11 +52,17 @@ def test_idempotent_resubmit(make_shards):
     total = sum(sum(count_rows(d).values()) for d in dsns)
     assert total == 51
     assert job_row(shards.for_key("k3").dsn, "k3")["payload"] == {"i": 3}  # the first submission wins
+    # A key that already ran to completion (moved to the archive) is a no-op too.
+    worker = Worker(WorkerConfig(dsns=dsns, drain=True, idle_min_s=0.001, idle_max_s=0.01))
+    worker.run()
+    assert worker.num_done == 51
+    assert shards.submit(again) == []
+    assert sum(count_rows(d).get("done", 0) for d in dsns) == 51 and sum(sum(count_rows(d).values()) for d in dsns) == 51
 
 
 def count_rows(dsn):
     with psycopg.connect(dsn) as conn:
-        return dict(conn.execute("SELECT state, count(*) FROM krablet_jobs GROUP BY state").fetchall())
+        return dict(conn.execute("SELECT state, count(*) FROM krablet_job_states GROUP BY state").fetchall())
 
 
 def test_batched_claim_takes_at_most_n_in_priority_then_age_order(make_shards):

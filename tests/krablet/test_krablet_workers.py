@@ -43,9 +43,9 @@ def test_concurrent_worker_processes_run_every_job_exactly_once(make_shards, tmp
     assert len(starts) == len(ends) == 3000
     assert sorted(set(ends)) == sorted(f"j{i}" for i in range(3000))  # each exactly once
     with psycopg.connect(dsn) as conn:
-        owners = collections.Counter(r[0] for r in conn.execute("SELECT result->>'owner' FROM krablet_jobs"))
+        owners = collections.Counter(r[0] for r in conn.execute("SELECT result->>'owner' FROM krablet_job_states"))
         attempts = conn.execute("SELECT max(attempts), count(*) FILTER (WHERE lease_owner <> result->>'owner')"
-                                " FROM krablet_jobs").fetchone()
+                                " FROM krablet_job_states").fetchone()
     assert len(owners) >= 2, owners  # the work really was shared
     assert attempts == (1, 0)
 
@@ -67,7 +67,7 @@ def test_sigkilled_worker_job_is_reclaimed_after_lease_and_completed_once(make_s
     assert starts == ["long", "long"] and ends == ["long"]
     with psycopg.connect(dsn) as conn:
         state, attempts, errors, result = conn.execute(
-            "SELECT state, attempts, errors, result FROM krablet_jobs").fetchone()
+            "SELECT state, attempts, errors, result FROM krablet_job_states").fetchone()
     assert (state, attempts) == ("done", 2)
     assert [e["error"] for e in errors] == ["lease expired"]
     assert errors[0]["owner"].split(":")[1] == str(victim.pid)
@@ -83,7 +83,7 @@ def test_shard_outage_mid_run_loses_nothing(pg, make_shards, tmp_path):
     per_shard = [sum(1 for k in keys if shards.for_key(k).index == s) for s in (0, 1)]
     pool = krablet_proc(dsns, "worker", "--procs", "2", "--batch", "10", "--lease", "30")
     observer = psycopg.connect(dsns[1], autocommit=True)  # survives the outage, to look inside
-    done_on_1 = lambda: observer.execute("SELECT count(*) FROM krablet_jobs WHERE state = 'done'").fetchone()[0]
+    done_on_1 = lambda: observer.execute("SELECT count(*) FROM krablet_job_states WHERE state = 'done'").fetchone()[0]
     try:
         wait_for(lambda: done_on_1() >= 20, 60, "shard 1 work started")
         set_shard_reachable(pg, dsns[1], False, spare_pid=observer.info.backend_pid)
@@ -136,6 +136,6 @@ def test_sigterm_finishes_the_current_job_and_releases_the_rest(make_shards, tmp
     starts, ends = executions(log)
     assert starts == ends == ["s0"]
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT state, attempts, lease_owner FROM krablet_jobs ORDER BY key").fetchall()
+        rows = conn.execute("SELECT state, attempts, lease_owner FROM krablet_job_states ORDER BY key").fetchall()
     assert rows[0][:2] == ("done", 1)
     assert rows[1:] == [("pending", 0, None)] * 4  # released: the attempt is not counted

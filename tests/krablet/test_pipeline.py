@@ -37,13 +37,13 @@ def test_ingestion_as_jobs_across_two_shards_writes_every_sample_once(make_shard
     counts = []
     for dsn in dsns:
         with psycopg.connect(dsn) as conn:
-            counts.append(conn.execute("SELECT count(*) FROM krablet_jobs").fetchone()[0])
+            counts.append(conn.execute("SELECT count(*) FROM krablet_job_states").fetchone()[0])
     assert sum(counts) == 5 and all(counts)  # resubmitting added nothing; both shards hold work
 
     assert run_pool(WorkerConfig(dsns, drain=True, kind_modules=["krablet.pipeline"]), 2) == 0
     for dsn in dsns:
         with psycopg.connect(dsn) as conn:
-            assert conn.execute("SELECT count(*) FROM krablet_jobs WHERE state <> 'done'").fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM krablet_job_states WHERE state <> 'done'").fetchone()[0] == 0
     index, members = _keys(out)
     assert index["total"] == 48 and len(index["shards"]) == 4
     assert sum(sum(s["buckets"].values()) for s in index["shards"]) == 48
