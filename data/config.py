@@ -42,6 +42,10 @@ class DataConfig:
     # latents="pixels": average-pool the image by this factor (decoding upsamples back).
     pixel_downsample: int = 1
     vae_path: str | None = None
+    # The procedural world the samples come from, for sample-grid prompts and
+    # `trainer.evaluate`: "shapes" (always for name=shapes; for shards written from
+    # `shapes:N` inputs) or None.
+    world: str | None = None
     # data.name="synthetic": the share of the text_len tokens that are valid (unpadded).
     synthetic_valid_text: float = 0.6
 
@@ -52,5 +56,7 @@ class DataConfig:
             raise ValueError(f"text_len must be >= 1, got {self.text_len}")
         if not self.text_layers:
             raise ValueError("text_layers must name at least one hidden state")
+        if self.world not in (None, "shapes"):
+            raise ValueError(f"world must be 'shapes' or null, got {self.world!r}")
         if self.num_workers < 0 or self.prefetch < 1:
             raise ValueError(f"need num_workers >= 0 and prefetch >= 1, got {self.num_workers} and {self.prefetch}")

@@ -1,8 +1,12 @@
 """One entry point from a DataConfig to what the trainer consumes."""
 
+import os
+
 import torch
 
 from data.config import DataConfig
+from data.latents import make_latents
+from data.shapes import ShapesWorld
 from data.shapes_loader import ShapesData, build_shapes_data
 from data.shard_loader import ShardLoader
 from data.synthetic import SyntheticLatents, SyntheticLoader
@@ -35,6 +39,23 @@ def build_shard_data(cfg: DataConfig, batch_size: int, rank: int, world_size: in
                          pin_memory=torch.device(device).type == "cuda")
     encoder = None
     if cfg.encoder_path:
+        if not os.path.isdir(cfg.encoder_path):
+            raise ValueError(f"data.encoder_path={cfg.encoder_path!r} is not a folder (a Qwen3-VL checkpoint)")
         layers = loader.index.meta["text"]["layers"]
         encoder = TextEncoder.from_pretrained(cfg.encoder_path, layers=layers, max_len=cfg.text_len, device=device)
-    return ShapesData(loader, encoder, loader.latents, None)
+    world = ShapesWorld(image_size=cfg.image_size, seed=cfg.seed) if cfg.world == "shapes" else None
+    return ShapesData(loader, encoder, shard_latents(cfg, loader.latents, device), world)
+
+
+def shard_latents(cfg: DataConfig, info, device: torch.device):
+    """The shards' latent space with a decoder where one is at hand (pixels always, a VAE
+    with data.vae_path); otherwise the index's description alone (no sample grids)."""
+    if info.kind == "pixels":
+        return make_latents("pixels", pixel_downsample=info.downsample)
+    if cfg.vae_path:
+        latents = make_latents(info.kind, cfg.vae_path, device=device)
+        if latents.channels != info.channels:
+            raise ValueError(f"data.vae_path={cfg.vae_path!r} has {latents.channels} latent channels, the shards "
+                             f"{info.channels}")
+        return latents
+    return info

@@ -11,6 +11,8 @@ skips a finished one): no sample is lost or written twice.
 
 import argparse
 import os
+import threading
+import time
 from dataclasses import asdict
 
 from data.shard_inputs import Chunk, list_chunks
@@ -72,6 +74,46 @@ def ingest_jobs(inputs: str, out: str, encoder: str, chunk_size: int = 1000, tex
     return chunks + [index]
 
 
+class _Progress:
+    """Prints the shard jobs' progress every few seconds while the workers run."""
+
+    def __init__(self, dsns: list[str], total: int, every_s: float = 5.0):
+        self.dsns, self.total, self.every_s = dsns, total, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._print()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._print()
+
+    def _print(self) -> None:
+        from krablet.queue import ShardQueue, connect
+
+        states: dict[str, int] = {}
+        for dsn in self.dsns:
+            try:
+                with connect(dsn) as conn:
+                    for (state, kind), n in ShardQueue(conn).counts().items():
+                        if kind.startswith("shards."):
+                            states[state] = states.get(state, 0) + n
+            except Exception as e:  # progress is best effort; the workers report their own errors
+                print(f"progress: shard unreachable ({type(e).__name__})", flush=True)
+                return
+        rest = " ".join(f"{s}={n}" for s, n in sorted(states.items()) if s != "done")
+        print(f"[{time.monotonic() - self.start:6.1f}s] jobs done {states.get('done', 0)}/{self.total} {rest}",
+              flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from data.shapes import ShapesWorld
     from data.shapes_loader import ensure_tiny_encoder
@@ -84,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, help="folder, .tar, or shapes:N[:SIZE[:SEED]]")
     p.add_argument("--output", required=True, help="shard directory")
     p.add_argument("--chunk-size", type=int, default=1000)
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=256, help="bucket area is resolution² pixels")
+    p.add_argument("--bucket-multiple", type=int, default=64, help="bucket sides are multiples of this")
     p.add_argument("--encoder", default=None, help="Qwen3-VL folder; default: the tiny demo encoder")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--text-layers", type=int, nargs="+", default=None)
@@ -101,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   ShapesWorld().all_captions())
     layers = args.text_layers or ([1, 2, 3, 4] if args.encoder is None else list(range(2, 36, 3)))
     jobs = ingest_jobs(args.input, args.output, encoder, args.chunk_size, args.text_len, layers, args.latents,
-                       args.vae_path, args.pixel_downsample, WriterConfig(resolution=args.resolution))
+                       args.vae_path, args.pixel_downsample, WriterConfig(resolution=args.resolution, bucket_multiple=args.bucket_multiple))
     with shard_dsns(args) as dsns:
         for dsn in dsns:
             migrate(dsn)
@@ -110,8 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             shards.submit(jobs)
         finally:
             shards.close()
-        print(f"submitted {len(jobs) - 1} chunk jobs + 1 index job; running {args.workers} workers until drained")
-        rc = run_pool(WorkerConfig(dsns, drain=True, kind_modules=["krablet.pipeline"]), args.workers)
+        print(f"submitted {len(jobs) - 1} chunk jobs + 1 index job; running {args.workers} workers until drained",
+              flush=True)
+        # A chunk job runs for seconds to minutes: claim one at a time so every worker gets work.
+        # Encoders are multi-threaded: share the cores between the worker processes.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.workers))))
+        config = WorkerConfig(dsns, batch_size=1, drain=True, kind_modules=["krablet.pipeline"])
+        with _Progress(dsns, len(jobs)):
+            rc = run_pool(config, args.workers)
     index_path = os.path.join(args.output, "index.json")
     if rc == 0 and os.path.exists(index_path):
         import json

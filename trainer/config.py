@@ -75,6 +75,9 @@ class LogConfig:
     sample_steps: int = 24
     sample_guidance: float = 3.5
     num_samples: int = 8
+    # Prompts of the sample grids; empty: the data world's held-out prompts. Grids need a
+    # text encoder (data.encoder_path for shards) and prompts from here or the world.
+    sample_prompts: list[str] = field(default_factory=list)
     peak_tflops: float | None = None  # per device; None: looked up from the device name
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from data.shapes import score_caption
 from data.shapes_loader import build_shapes_data
+from data.sources import build_shard_data
 from trainer.checkpoint import load_model_weights
 from trainer.config import TrainConfig
 from trainer.model import K2DiT
@@ -45,7 +46,14 @@ def score(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
 
 def evaluate(run_dir: str, seeds: int = 2, steps: int = 20, guidance: float = 3.0, live: bool = False) -> dict:
     cfg = load_run_config(run_dir)
-    data = build_shapes_data(cfg.data, os.path.join(run_dir, "assets"), 1)
+    if cfg.data.name == "shapes":
+        data = build_shapes_data(cfg.data, os.path.join(run_dir, "assets"), 1)
+    elif cfg.data.name == "shards" and cfg.data.world == "shapes" and cfg.data.encoder_path:
+        data = build_shard_data(cfg.data, 1, 0, 1, torch.device("cpu"))
+    else:
+        raise ValueError(f"{run_dir}: evaluate scores shapes-world runs: data.name=shapes, or data.name=shards with "
+                         f"data.world=shapes and data.encoder_path (got data.name={cfg.data.name!r}, "
+                         f"world={cfg.data.world!r})")
     side = cfg.data.image_size // data.latents.downsample
     sets = {"held-out": data.world.held_out_prompts(), "training": data.world.train_prompts_example()}
 

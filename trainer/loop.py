@@ -175,9 +175,16 @@ def train_step(run: Run) -> dict[str, float]:
     return {"loss": loss_sum / accum, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "data_s": data_s, **extra}
 
 
+def can_sample(run: Run) -> bool:
+    """Sample grids need a text encoder and prompts (log.sample_prompts or the data world's)."""
+    data = run.data
+    return (data.encoder is not None and hasattr(data.latents, "decode")
+            and bool(run.cfg.log.sample_prompts or data.world is not None))
+
+
 def save_samples(run: Run) -> None:
     cfg, data = run.cfg, run.data
-    prompts = data.world.held_out_prompts()[: cfg.log.num_samples]
+    prompts = list(cfg.log.sample_prompts or data.world.held_out_prompts())[: cfg.log.num_samples]
     seeds = list(range(len(prompts)))
     side = cfg.data.image_size // data.latents.downsample
     if run.ema is not None:
@@ -201,6 +208,9 @@ def save_samples(run: Run) -> None:
 def train(cfg: TrainConfig) -> Run:
     run = setup(cfg)
     st, steps = run.state, cfg.stage.steps
+    if cfg.log.sample_every and not can_sample(run):
+        log.warning("log.sample_every=%d but no sample grids: they need a text encoder (data.encoder_path), a "
+                    "latent decoder (data.vae_path) and prompts (log.sample_prompts or data.world)", cfg.log.sample_every)
     if st.step >= steps:
         log.info("run %s already finished at step %d", cfg.run_dir, st.step)
     while st.step < steps:
@@ -211,7 +221,7 @@ def train(cfg: TrainConfig) -> Run:
             values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and k != "grad_norm" else v
                       for k, v in values.items()}
             run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
-        if cfg.log.sample_every and run.data.world is not None and (st.step % cfg.log.sample_every == 0 or st.step == steps):
+        if cfg.log.sample_every and can_sample(run) and (st.step % cfg.log.sample_every == 0 or st.step == steps):
             save_samples(run)
         if st.step % cfg.checkpoint.every == 0 or st.step == steps:
             st.loader = run.data.loader.state_dict()

@@ -56,3 +56,41 @@ def test_ingestion_as_jobs_across_two_shards_writes_every_sample_once(make_shard
     enc = TextEncoder.from_pretrained(tiny_encoder_dir, layers=[1, 2, 3, 4], max_len=24)
     write_shards("shapes:48:32", direct, PixelLatents(), enc, chunk_size=12, progress=lambda *a: None)
     assert _keys(direct)[1] == members
+
+
+def test_demo_path_krablet_ingestion_then_training_with_grids_and_evaluation(tmp_path):
+    """The demo's own commands: `python -m krablet.pipeline` on an embedded PostgreSQL in
+    the run directory, then experiment=demo trains on those shards, draws sample grids
+    from the shapes world's held-out prompts and can be scored by trainer.evaluate."""
+    import subprocess
+    import sys
+
+    from krablet_test_helpers import ROOT
+    from trainer.evaluate import evaluate
+
+    out = tmp_path / "runs" / "d" / "shards"
+    cmd = [sys.executable, "-m", "krablet.pipeline", "--input", "shapes:48:32", "--output", str(out),
+           "--chunk-size", "16", "--resolution", "32", "--bucket-multiple", "16", "--pixel-downsample", "2",
+           "--text-len", "24", "--workers", "2", "--run-dir", str(tmp_path / "krablet")]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("KRABLET_DSNS", None)
+    env.pop("SLURM_JOB_ID", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "jobs done 4/4" in proc.stdout  # 3 chunk jobs + the index job, with progress lines
+    index, members = _keys(out)
+    assert index["total"] == 48 and len(members) == 48 and index["latents"]["downsample"] == 2
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and _keys(out)[1] == members  # a rerun redoes nothing
+
+    train = [sys.executable, "-m", "trainer.train", "experiment=demo", "model=tiny", "name=d",
+             f"run_root={tmp_path / 'runs'}", "stage.steps=4", "stage.global_batch_size=8", "stage.micro_batch_size=8",
+             "data.num_workers=0", "checkpoint.every=4", "log.sample_every=4", "log.sample_steps=2",
+             "log.tensorboard=false"]
+    proc = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "d"
+    assert (run_dir / "samples" / "step_00000004.png").exists()
+    report = evaluate(str(run_dir), seeds=1, steps=2)
+    assert report["step"] == 4 and set(report["trained"]) == {"held-out", "training"}
+    assert (run_dir / "eval.png").exists()
