@@ -65,6 +65,9 @@ class CheckpointConfig:
     # folder or a release .safetensors file).
     init_from: str | None = None
     init_weights: str = "ema"  # from a k2train checkpoint: "ema" or "model" (live) weights
+    # Signals that mean "the nodes are going away": finish the step, checkpoint, exit 0
+    # with status.json saying "preempted" (slurm/train.sbatch then requeues the job).
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
 
 
 @dataclass

@@ -21,6 +21,7 @@ from trainer.model import K2DiT, flops_per_sample, load_pretrained
 from trainer.objectives import Objective, build_objective
 from trainer.optim import EMA, build_optimizer, lr_at, set_lr
 from trainer.parallel import DTYPES, Dist, init_distributed, parallelize, set_gradient_sync
+from trainer.preemption import Preemption, write_status
 from trainer.sample import generate, grid_image
 from trainer.titan import clip_grad_norm, peak_flops
 
@@ -205,6 +206,14 @@ def save_samples(run: Run) -> None:
         run.metrics.image("samples", grid, run.state.step)
 
 
+def save_checkpoint(run: Run) -> None:
+    run.state.loader = run.data.loader.state_dict()
+    extras = {"objective": run.objective.state_dict()}
+    if run.ema is not None:
+        extras["ema"] = run.ema.state_dict()
+    run.ckpt.save(run.state, run.model, run.optimizer, extras)
+
+
 def train(cfg: TrainConfig) -> Run:
     run = setup(cfg)
     st, steps = run.state, cfg.stage.steps
@@ -213,23 +222,33 @@ def train(cfg: TrainConfig) -> Run:
                     "latent decoder (data.vae_path) and prompts (log.sample_prompts or data.world)", cfg.log.sample_every)
     if st.step >= steps:
         log.info("run %s already finished at step %d", cfg.run_dir, st.step)
-    while st.step < steps:
-        values = train_step(run)
-        run.metrics.count(cfg.stage.global_batch_size, values.pop("data_s"))
-        if st.step % cfg.log.every == 0 or st.step == steps:
-            # loss and objective terms are per rank; grad_norm is already global
-            values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and k != "grad_norm" else v
-                      for k, v in values.items()}
-            run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
-        if cfg.log.sample_every and can_sample(run) and (st.step % cfg.log.sample_every == 0 or st.step == steps):
-            save_samples(run)
-        if st.step % cfg.checkpoint.every == 0 or st.step == steps:
-            st.loader = run.data.loader.state_dict()
-            extras = {"objective": run.objective.state_dict()}
-            if run.ema is not None:
-                extras["ema"] = run.ema.state_dict()
-            run.ckpt.save(st, run.model, run.optimizer, extras)
-        run.ckpt.poll()
-    run.ckpt.wait()
+    preemption = Preemption(cfg.checkpoint.preempt_signals)
+    status = (lambda state: write_status(cfg.run_dir, state, st.step)) if run.d.is_main else (lambda state: None)
+    status("running")
+    try:
+        while st.step < steps:
+            values = train_step(run)
+            run.metrics.count(cfg.stage.global_batch_size, values.pop("data_s"))
+            if st.step % cfg.log.every == 0 or st.step == steps:
+                # loss and objective terms are per rank; grad_norm is already global
+                values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and k != "grad_norm" else v
+                          for k, v in values.items()}
+                run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
+            stop = preemption.check(run.d)
+            if cfg.log.sample_every and can_sample(run) and (st.step % cfg.log.sample_every == 0 or st.step == steps):
+                save_samples(run)
+            if st.step % cfg.checkpoint.every == 0 or st.step == steps or stop:
+                save_checkpoint(run)
+            run.ckpt.poll()
+            if stop:
+                log.warning("preempted: checkpoint of step %d saved, exiting for requeue", st.step)
+                break
+        run.ckpt.wait()
+    except BaseException:
+        status("failed")
+        raise
+    finally:
+        preemption.restore()
+    status("finished" if st.step >= steps else "preempted")
     run.metrics.close()
     return run

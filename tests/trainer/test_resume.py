@@ -110,3 +110,30 @@ def test_async_checkpoints_resume_bitwise(run_root, straight):
     kill_when(args, run_dir, lambda d: last_logged_step(d) >= 7)
     run_training(*args)
     assert_bitwise_equal(straight, final_state(run_dir))
+
+
+def test_warning_signal_checkpoints_that_step_and_resume_is_bitwise(run_root, straight):
+    """SIGUSR1 (Slurm's --signal): the run finishes its step, checkpoints it (off the
+    every-3 schedule), exits 0 with status "preempted"; the rerun finishes bitwise equal."""
+    from trainer.preemption import read_status
+
+    args = ["experiment=test_tiny", f"run_root={run_root}", "name=preempted"]
+    run_dir = os.path.join(run_root, "preempted")
+    proc = subprocess.Popen(train_cmd(*args), cwd=ROOT, env=train_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while last_logged_step(run_dir) < 4:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    status = read_status(run_dir)
+    assert status["state"] == "preempted" and 4 <= status["step"] < 12, status
+    assert status["step"] in list_checkpoints(os.path.join(run_dir, "checkpoints"))  # saved at the signal
+    assert "SIGUSR1 received" in err
+
+    run_training(*args)
+    assert read_status(run_dir)["state"] == "finished"
+    assert_bitwise_equal(straight, final_state(run_dir))
