@@ -85,6 +85,37 @@ class LogConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """How `python -m slurm.submit` renders slurm/train.sbatch; the trainer ignores it.
+    Nodes and processes per node are written once here and read back from the
+    allocation on the nodes (SLURM_NNODES, SLURM_GPUS_ON_NODE)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU job
+    procs_per_node: int = 0  # trainer processes per node; 0: gpus_per_node (1 without GPUs)
+    cpus_per_task: int | None = None
+    mem: str | None = None  # e.g. "0" (all of the node's memory) or "200G"
+    time: str | None = None  # e.g. "2-00:00:00"; the job requeues itself before it
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    job_name: str | None = None  # default: the run name
+    # The warning before the time limit: the trainer checkpoints and the job requeues.
+    warning_signal: str = "USR1"
+    warning_seconds: int = 300
+    # Requeues after a crash or a lost node before giving up (preemptions do not count).
+    max_failures: int = 3
+    python: str | None = None  # interpreter on the nodes; default: the one that submits
+    setup: list[str] = field(default_factory=list)  # shell lines run first (module load ..., source ...)
+    sbatch: list[str] = field(default_factory=list)  # extra sbatch flags, e.g. "--exclusive"
+    rdzv_port: int | None = None  # default: 29500 + job id mod 10000
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * (self.procs_per_node or self.gpus_per_node or 1)
+
+
+@dataclass
 class TrainConfig:
     # The run directory is run_root/name; a resubmitted job with the same name
     # (or Slurm job id, the default) finds its checkpoints there.
@@ -102,6 +133,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     @property
     def run_dir(self) -> str:

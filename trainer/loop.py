@@ -97,7 +97,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     model = K2DiT(cfg.model)
     model.init_weights(cfg.seed)
-    log.info("model %s: %.2fM parameters", cfg.model.name, model.num_params() / 1e6)
+    log.info("model %s: %.2fM parameters; world size %d on %s", cfg.model.name, model.num_params() / 1e6,
+             d.world_size, d.device)
     ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint, d)
     objective = build_objective(cfg.stage, cfg.model, cfg.seed)
     objective.attach(model)  # trainable extras live in model.aux: sharded, optimised, checkpointed

@@ -1,0 +1,1 @@
+"""Slurm: batch scripts, the launcher (`python -m slurm.submit`) and a local test cluster."""
