@@ -136,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="render and check, do not submit")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml")
     args = p.parse_args(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         info = submit(args.overrides, args.dry_run)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, HydraException, OmegaConfBaseException) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if info["job_id"] is None:

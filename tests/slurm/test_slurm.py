@@ -173,3 +173,42 @@ def test_krablet_worker_array_drains_a_queue(cluster, tmp_path):
         assert sum(count_states(d).get("done", 0) for d in dsns) == 400
         logs = "".join(open(os.path.join(out_dir, f)).read() for f in os.listdir(out_dir))
         assert logs.count("2 worker processes") == 2  # both array tasks ran
+
+
+def test_hydra_sweep_is_one_job_array_with_a_run_per_task(cluster, run_root):
+    cmd = [sys.executable, "-m", "slurm.submit", "experiment=test_tiny", "name=lr_sweep", f"run_root={run_root}",
+           "launcher.nodes=1", "launcher.procs_per_node=1", "stage.steps=4", "optimizer.lr=1e-3,2e-3"]
+    out = subprocess.run(cmd, cwd=ROOT, env=job_env(cluster), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = out.stdout.split()[2]
+    assert "(2 task(s))" in out.stdout
+    for task, lr in ((0, 1e-3), (1, 2e-3)):
+        info = cluster.wait(f"{job}_{task}", timeout=240)
+        assert info["JobState"] == "COMPLETED", info
+        run_dir = os.path.join(run_root, "lr_sweep", str(task))
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            assert f"lr: {lr}" in f.read()
+        with open(os.path.join(run_dir, "status.json")) as f:
+            assert json.load(f)["state"] == "finished"
+
+
+def test_submit_checks_the_config_before_anything_is_queued(tmp_path):
+    """No cluster needed: the launcher composes and validates for the world size it asks for."""
+    base = [sys.executable, "-m", "slurm.submit", "--dry-run", "experiment=test_tiny", f"run_root={tmp_path}"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    bad_key = subprocess.run(base + ["name=a", "stage.stepz=3"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad_key.returncode == 2 and "stepz" in bad_key.stderr and "Traceback" not in bad_key.stderr
+    # 3 nodes x 1 process cannot split a global batch of 8 into micro-batches of 4.
+    bad_world = subprocess.run(base + ["name=b", "launcher.nodes=3", "launcher.procs_per_node=1"], cwd=ROOT, env=env,
+                               capture_output=True, text=True)
+    assert bad_world.returncode == 2 and "stage.global_batch_size=8" in bad_world.stderr
+    sweep_unnamed = subprocess.run(base + ["optimizer.lr=1e-3,2e-3"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert sweep_unnamed.returncode == 2 and "a sweep needs name=" in sweep_unnamed.stderr
+    ok = subprocess.run(base + ["name=c", "launcher.nodes=2", "launcher.procs_per_node=1", "launcher.time=01:00:00"],
+                        cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    script = (tmp_path / "c" / "train.sbatch").read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --time=01:00:00", "#SBATCH --requeue", "#SBATCH --signal=USR1@300",
+                 "#SBATCH --open-mode=append", f"#SBATCH --output={tmp_path}/c/slurm-%j.out",
+                 "export K2_PROCS_PER_NODE=1"):
+        assert line in script, line
