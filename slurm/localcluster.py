@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -113,7 +114,7 @@ class LocalCluster:
 
     def _write_conf(self) -> None:
         r = self.root
-        user = os.environ.get("USER") or "root"
+        user = pwd.getpwuid(os.getuid()).pw_name
         host = socket.gethostname()
         base = _free_port()
         lines = [
