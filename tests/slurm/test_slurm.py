@@ -212,3 +212,15 @@ def test_submit_checks_the_config_before_anything_is_queued(tmp_path):
                  "#SBATCH --open-mode=append", f"#SBATCH --output={tmp_path}/c/slurm-%j.out",
                  "export K2_PROCS_PER_NODE=1"):
         assert line in script, line
+
+
+def test_evaluation_job_after_training(cluster, straight, tmp_path):
+    run_dir, train_job, _ = straight
+    env = dict(job_env(cluster), K2_PYTHON=sys.executable)
+    job = cluster.sbatch(f"--dependency=afterok:{train_job}", f"--output={tmp_path}/eval-%j.out",
+                         os.path.join(ROOT, "slurm", "evaluate.sbatch"), run_dir, "--seeds", "1", "--steps", "2",
+                         env=env, cwd=ROOT)
+    info = cluster.wait(job, timeout=240)
+    assert info["JobState"] == "COMPLETED", (info, open(f"{tmp_path}/eval-{job}.out").read()[-3000:])
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        assert json.load(f)["step"] == STEPS
