@@ -49,9 +49,6 @@ class Dist:
                 x /= self.world_size
         return x
 
-    def any_true(self, flag: bool) -> bool:
-        return not self.all_true(not flag)
-
     def all_true(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag

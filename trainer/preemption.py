@@ -4,7 +4,9 @@ A scheduler warns a job before it takes the nodes away: Slurm's
 ``--signal=USR1@300`` before the time limit, SIGTERM on preemption or
 ``scancel``. Each rank records the signal in its handler; after every step the
 ranks agree (one all-reduce of a flag) so they all stop after the *same* step,
-save a checkpoint together and exit 0.
+save a checkpoint together and exit 0. The all-reduce is read one step late:
+waiting on it at once would make the host wait for the GPU every step, and a
+signal that comes minutes ahead can spare a step.
 
 ``status.json`` in the run directory says how the last attempt ended:
 ``running`` (still going, or killed without warning), ``preempted``,
@@ -20,6 +22,9 @@ import os
 import signal
 import time
 
+import torch
+import torch.distributed as dist
+
 from trainer.parallel import Dist
 
 log = logging.getLogger("k2train")
@@ -30,6 +35,7 @@ class Preemption:
 
     def __init__(self, signals: list[str]):
         self.received: str | None = None
+        self._pending = None  # (work, flag) of the last step's all-reduce
         self._previous = {}
         for name in signals:
             sig = getattr(signal, name, None)
@@ -43,10 +49,22 @@ class Preemption:
             log.warning("%s received: stopping after this step with a checkpoint", self.received)
 
     def check(self, d: Dist) -> bool:
-        """True on every rank once any rank got a signal."""
-        return d.any_true(self.received is not None)
+        """Collective: True on every rank, after the same step, once any rank got a signal."""
+        if d.world_size == 1:
+            return self.received is not None
+        flag = torch.tensor([int(self.received is not None)],
+                            device=d.device if d.device.type == "cuda" else "cpu")
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        previous, self._pending = self._pending, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())
 
     def restore(self) -> None:
+        if self._pending is not None:  # every rank issued it: complete it before the group goes away
+            self._pending[0].wait()
+            self._pending = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
