@@ -216,14 +216,19 @@ def save_checkpoint(run: Run) -> None:
 
 
 def train(cfg: TrainConfig) -> Run:
-    run = setup(cfg)
+    # Handlers first: a warning that comes while a large model loads stops the run after its first step.
+    preemption = Preemption(cfg.checkpoint.preempt_signals)
+    try:
+        run = setup(cfg)
+    except BaseException:
+        preemption.restore()
+        raise
     st, steps = run.state, cfg.stage.steps
     if cfg.log.sample_every and not can_sample(run):
         log.warning("log.sample_every=%d but no sample grids: they need a text encoder (data.encoder_path), a "
                     "latent decoder (data.vae_path) and prompts (log.sample_prompts or data.world)", cfg.log.sample_every)
     if st.step >= steps:
         log.info("run %s already finished at step %d", cfg.run_dir, st.step)
-    preemption = Preemption(cfg.checkpoint.preempt_signals)
     status = (lambda state: write_status(cfg.run_dir, state, st.step)) if run.d.is_main else (lambda state: None)
     status("running")
     try:
