@@ -157,12 +157,13 @@ def test_krablet_worker_array_drains_a_queue(cluster, tmp_path):
             migrate(dsn)
         log = str(tmp_path / "tally")
         ShardSet(dsns).submit([NewJob("tally", {"log": log}, key=f"job{i}") for i in range(400)])
-        env = dict(job_env(cluster), KRABLET_DSNS=",".join(dsns), KRABLET_PROCS="2",
+        env = dict(job_env(cluster), KRABLET_DSNS=",".join(dsns),
                    PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "krablet")]),
                    K2_PYTHON=sys.executable)
         out_dir = str(tmp_path / "logs")
         os.makedirs(out_dir)
-        job = cluster.sbatch("--array=0-1", f"--output={out_dir}/krablet-%A_%a.out",
+        # 2 CPUs per task: the pool size comes from the allocation (and srun must get both CPUs).
+        job = cluster.sbatch("--array=0-1", "--cpus-per-task=2", f"--output={out_dir}/krablet-%A_%a.out",
                              os.path.join(ROOT, "slurm", "krablet_worker.sbatch"), "--kinds", "krablet_test_kinds",
                              env=env, cwd=ROOT)
         for task in (0, 1):
