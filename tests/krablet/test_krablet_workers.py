@@ -74,13 +74,18 @@ def test_sigkilled_worker_job_is_reclaimed_after_lease_and_completed_once(make_s
     assert result["owner"].split(":")[1] != str(victim.pid)
 
 
+def submit_tallies(dsns: list[str], log: str, n: int) -> tuple[list[str], list[int]]:
+    """Submits n short tally jobs; returns their keys and how many landed on each shard."""
+    shards = ShardSet(dsns)
+    keys = [f"img{i}" for i in range(n)]
+    shards.submit([NewJob("tally", {"log": log, "seconds": 0.004}, key=k) for k in keys])
+    return keys, [sum(1 for k in keys if shards.for_key(k).index == s) for s in range(len(dsns))]
+
+
 def test_shard_outage_mid_run_loses_nothing(pg, make_shards, tmp_path):
     dsns = make_shards(2)
     log = str(tmp_path / "tally")
-    shards = ShardSet(dsns)
-    keys = [f"img{i}" for i in range(800)]
-    shards.submit([NewJob("tally", {"log": log, "seconds": 0.004}, key=k) for k in keys])
-    per_shard = [sum(1 for k in keys if shards.for_key(k).index == s) for s in (0, 1)]
+    keys, per_shard = submit_tallies(dsns, log, 800)
     pool = krablet_proc(dsns, "worker", "--procs", "2", "--batch", "10", "--lease", "30")
     observer = psycopg.connect(dsns[1], autocommit=True)  # survives the outage, to look inside
     done_on_1 = lambda: observer.execute("SELECT count(*) FROM krablet_job_states WHERE state = 'done'").fetchone()[0]
@@ -156,10 +161,7 @@ def test_shard_server_stopped_and_restarted_mid_run_loses_nothing(make_shards, t
     migrate(dsn1)
     dsns = [dsn0, dsn1]
     log = str(tmp_path / "tally")
-    shards = ShardSet(dsns)
-    keys = [f"img{i}" for i in range(600)]
-    shards.submit([NewJob("tally", {"log": log, "seconds": 0.004}, key=k) for k in keys])
-    per_shard = [sum(1 for k in keys if shards.for_key(k).index == s) for s in (0, 1)]
+    keys, per_shard = submit_tallies(dsns, log, 600)
     pool = krablet_proc(dsns, "worker", "--procs", "2", "--batch", "10", "--lease", "60")
     try:
         wait_for(lambda: count_states(dsn1).get("done", 0) >= 20, 60, "shard 1 work started")
