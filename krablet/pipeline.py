@@ -18,7 +18,7 @@ from dataclasses import asdict
 from data.shard_inputs import Chunk, list_chunks
 from data.writer import WriterConfig, build_index, write_chunk
 from krablet.kinds import kind, require
-from krablet.queue import NewJob
+from krablet.queue import NewJob, ShardQueue, connect
 
 # Loading a text encoder (4B parameters in production) per job would dominate
 # the job, so each worker process keeps the ones it has built.
@@ -97,8 +97,6 @@ class _Progress:
             self._print()
 
     def _print(self) -> None:
-        from krablet.queue import ShardQueue, connect
-
         states: dict[str, int] = {}
         for dsn in self.dsns:
             try:
@@ -143,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     encoder = args.encoder or ensure_tiny_encoder(os.path.join(args.output, "text_encoder"),
                                                   ShapesWorld().all_captions())
     layers = args.text_layers or ([1, 2, 3, 4] if args.encoder is None else list(range(2, 36, 3)))
+    writer = WriterConfig(resolution=args.resolution, bucket_multiple=args.bucket_multiple)
     jobs = ingest_jobs(args.input, args.output, encoder, args.chunk_size, args.text_len, layers, args.latents,
-                       args.vae_path, args.pixel_downsample, WriterConfig(resolution=args.resolution, bucket_multiple=args.bucket_multiple))
+                       args.vae_path, args.pixel_downsample, writer)
     with shard_dsns(args) as dsns:
         for dsn in dsns:
             migrate(dsn)

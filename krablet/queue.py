@@ -158,6 +158,7 @@ DELETE FROM krablet_jobs j WHERE j.key = ANY(%(keys)s)
 RETURNING j.key
 """
 
+
 def insert_jobs(conn: psycopg.Connection, new_jobs: list[NewJob]) -> list[str]:
     """Validate then insert in one statement; returns the keys actually inserted
     (a key that already exists is a no-op: idempotent resubmit)."""

@@ -95,16 +95,13 @@ def _v1_create_tables(conn: sa.Connection) -> None:
         " autovacuum_analyze_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0)"))
 
 
-_DONE_COLUMNS = "key, id, kind, payload, priority, attempts, max_attempts, deps, result, errors, created_at, finished_at"
-_DONE_FROM_LIVE = _DONE_COLUMNS.replace("deps,", "deps, lease_owner,")
-
-
 def _v2_archive_done_jobs(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[jobs_done])
     conn.execute(sa.text(
-        f"INSERT INTO krablet_jobs_done ({_DONE_COLUMNS.replace('deps,', 'deps, owner,')}) SELECT {_DONE_FROM_LIVE}"
-        " FROM krablet_jobs"
-        " WHERE state = 'done'"))
+        "INSERT INTO krablet_jobs_done (key, id, kind, payload, priority, attempts, max_attempts, deps, owner,"
+        " result, errors, created_at, finished_at)"
+        " SELECT key, id, kind, payload, priority, attempts, max_attempts, deps, lease_owner,"
+        " result, errors, created_at, finished_at FROM krablet_jobs WHERE state = 'done'"))
     conn.execute(sa.text("DELETE FROM krablet_jobs WHERE state = 'done'"))
     conn.execute(sa.text(
         "CREATE VIEW krablet_job_states AS"

@@ -94,10 +94,11 @@ def checked_config(overrides: list[str]) -> TrainConfig:
 def submit(overrides: list[str], dry_run: bool = False) -> dict:
     tasks = expand_sweep(overrides)
     sweep = len(tasks) > 1
+    named = any(o.startswith("name=") for o in overrides)
+    if sweep and not named:
+        raise ValueError("a sweep needs name=...: its tasks train into <run_root>/<name>/<task>")
+    base = checked_config(tasks[0])
     if sweep:
-        base = checked_config(tasks[0])
-        if not any(o.startswith("name=") for o in overrides):
-            raise ValueError("a sweep needs name=...: its tasks train into <run_root>/<name>/<task>")
         folder = os.path.abspath(base.run_dir)
         os.makedirs(folder, exist_ok=True)
         tasks = [[o for o in t if not o.startswith(("name=", "run_root="))] + [f"run_root={folder}", f"name={i}"]
@@ -111,8 +112,6 @@ def submit(overrides: list[str], dry_run: bool = False) -> dict:
         # The overrides live in the task files; the script itself passes none.
         script = render(base.launcher, [], base.name, os.path.join(folder, "slurm-%A_%a.out"), folder, len(tasks))
     else:
-        base = checked_config(tasks[0])
-        named = any(o.startswith("name=") for o in overrides)
         # Unnamed: the run is named after the job id, known only once submitted.
         folder = os.path.abspath(base.run_dir if named else base.run_root)
         os.makedirs(folder, exist_ok=True)

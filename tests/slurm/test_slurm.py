@@ -15,8 +15,7 @@ import time
 import pytest
 
 from slurm.localcluster import LocalCluster, missing_binaries
-from tests.conftest import ROOT
-from tests.trainer.test_resume import assert_bitwise_equal, final_state, last_logged_step
+from tests.conftest import ROOT, assert_bitwise_equal, final_state, last_logged_step
 
 pytestmark = pytest.mark.slow
 STEPS = 24

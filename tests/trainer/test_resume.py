@@ -7,46 +7,10 @@ import subprocess
 import time
 
 import pytest
-import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.conftest import ROOT, run_training, train_cmd, train_env
+from tests.conftest import (ROOT, assert_bitwise_equal, final_state, last_logged_step, run_training, train_cmd,
+                            train_env)
 from trainer.checkpoint import list_checkpoints
-
-
-def final_state(run_dir: str) -> dict:
-    folder = os.path.join(run_dir, "checkpoints")
-    step = list_checkpoints(folder)[-1]
-    out = os.path.join(run_dir, "final.pt")
-    dcp_to_torch_save(os.path.join(folder, f"step_{step:08d}"), out)
-    return torch.load(out, weights_only=False)
-
-
-def flatten(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def assert_bitwise_equal(a: dict, b: dict):
-    fa, fb = dict(flatten(a)), dict(flatten(b))
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        if isinstance(fa[k], torch.Tensor):
-            assert torch.equal(fa[k], fb[k]), f"{k} differs"
-        else:
-            assert fa[k] == fb[k], f"{k}: {fa[k]} != {fb[k]}"
-
-
-def last_logged_step(run_dir: str) -> int:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip().endswith("}")]
-    return rows[-1]["step"] if rows else 0
 
 
 def kill_when(args: list[str], run_dir: str, condition, timeout=240) -> int:
