@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -37,12 +39,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from trainer.config import CheckpointConfig
+from trainer.model import clean_name
 from trainer.parallel import Dist
 
 log = logging.getLogger(__name__)
 # One process without a process group is a supported setup, not a mistake.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+MODELS_FILE = "models.json"
 
 
 @dataclass
@@ -76,6 +80,17 @@ def list_checkpoints(folder: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(STEP_DIR.match, os.listdir(folder)) if m)
 
 
+def part_keys(name: str) -> tuple[str, str, str]:
+    """Top-level checkpoint keys of a trainable model: (weights, optimizer, EMA).
+
+    The stage's main model is "model" and keeps the historical keys (model,
+    optimizer, ema), so checkpoints of single-model runs read as they always did;
+    any other model `x` is saved as (x, x_optimizer, x_ema)."""
+    if name == "model":
+        return "model", "optimizer", "ema"
+    return name, f"{name}_optimizer", f"{name}_ema"
+
+
 class Checkpointer:
     def __init__(self, folder: str, cfg: CheckpointConfig, d: Dist):
         self.folder, self.cfg, self.d = folder, cfg, d
@@ -99,13 +114,25 @@ class Checkpointer:
         steps = list_checkpoints(self.folder)
         return steps[-1] if steps else None
 
-    def _tensors(self, model, optimizer, extra: dict[str, dict]) -> dict:
-        sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    @staticmethod
+    def _tensors(trainables: dict, extra: dict[str, dict]) -> dict:
+        sd = {}
+        for name, t in trainables.items():
+            weights, optim, ema = part_keys(name)
+            sd[weights] = model_state_dict(t.module)
+            if t.optimizer is not None:
+                sd[optim] = get_optimizer_state_dict(t.module, t.optimizer)
+            if t.ema is not None:
+                sd[ema] = t.ema.state_dict()
+        overlap = set(sd) & set(extra)
+        assert not overlap, f"stage state names {overlap} collide with model names"
         sd.update(extra)
         return sd
 
-    def save(self, state: TrainState, model, optimizer, extra: dict[str, dict]) -> None:
-        """Writes a checkpoint of `state.step`. `extra` holds more named tensor dicts (EMA, objective)."""
+    def save(self, state: TrainState, trainables: dict, extra: dict[str, dict], models: dict[str, dict]) -> None:
+        """Writes a checkpoint of `state.step`: every trainable's weights, optimizer and EMA,
+        the stage's own tensors (`extra`), and `models.json` (`models`: what each model is —
+        its config, its LoRA settings and base, the source of a frozen model)."""
         self.wait()  # one write in flight at a time
         final = self.path(state.step)
         if os.path.isdir(final):
@@ -118,7 +145,9 @@ class Checkpointer:
         if self.d.is_main:
             with open(os.path.join(partial, "train_state.json"), "w") as f:
                 json.dump(state.__dict__, f)
-        sd = self._tensors(model, optimizer, extra)
+            with open(os.path.join(partial, MODELS_FILE), "w") as f:
+                json.dump(models, f, indent=1)
+        sd = self._tensors(trainables, extra)
         if self.cfg.async_save:
             fut = dcp.async_save(sd, checkpoint_id=partial, process_group=self.process_group)
             self.pending = (fut, partial, final)
@@ -150,24 +179,43 @@ class Checkpointer:
             log.info("checkpoint saved: %s", final)
         self.d.barrier()
 
-    def load(self, step: int, model, optimizer, extra: dict[str, Callable[[], dict]]) -> tuple[TrainState, dict]:
-        """Restores model and optimizer in place; returns the train state and the loaded extras.
-
-        `extra` maps a name to a function giving a template dict (same keys and
-        shapes as saved), which DCP fills in.
-        """
+    def load(self, step: int, trainables: dict, extra: dict[str, Callable[[], dict]]) -> tuple[TrainState, dict]:
+        """Restores every trainable (weights, optimizer, EMA) in place; returns the train
+        state and the loaded stage tensors. `extra` maps a name to a function giving a
+        template dict (same keys and shapes as saved), which DCP fills in."""
         path = self.path(step)
         with open(os.path.join(path, "train_state.json")) as f:
             state = TrainState(**json.load(f))
-        sd = self._tensors(model, optimizer, {k: make() for k, make in extra.items()})
+        sd = self._tensors(trainables, {k: make() for k, make in extra.items()})
         dcp.load(sd, checkpoint_id=path)
-        set_model_state_dict(model, sd["model"])
-        set_optimizer_state_dict(model, optimizer, sd["optimizer"])
+        for name, t in trainables.items():
+            weights, optim, ema = part_keys(name)
+            load_model_state_dict(t.module, sd[weights])
+            if t.optimizer is not None:
+                set_optimizer_state_dict(t.module, t.optimizer, sd[optim])
+            if t.ema is not None:
+                t.ema.load_state_dict(sd[ema])
         rank_file = os.path.join(path, f"rank_{self.d.rank:05d}.pt")
         if os.path.exists(rank_file) and state.world_size == self.d.world_size:
             set_rng_state(torch.load(rank_file, weights_only=False))
         log.info("resumed from %s (step %d)", path, state.step)
         return state, {k: sd[k] for k in extra}
+
+
+# Trainable parameters only: a LoRA run saves its adapters, not another copy of the base.
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+
+
+def model_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights under the names written to disk (no wrapper or adapter names)."""
+    return {clean_name(k): v for k, v in get_model_state_dict(module, options=_TRAINABLE).items()}
+
+
+def load_model_state_dict(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    own = get_model_state_dict(module, options=_TRAINABLE)
+    by_clean = {clean_name(k): k for k in own}
+    set_model_state_dict(module, {by_clean[k]: v for k, v in sd.items()},
+                         options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def _fsync_dir(path: str) -> None:
@@ -189,25 +237,52 @@ def resolve_checkpoint(path: str) -> str | None:
     return None
 
 
+def read_models(step_dir: str) -> dict[str, dict]:
+    """models.json of a checkpoint: {model name: {"config": ..., "lora": ..., "base": ...}};
+    empty for checkpoints written before it existed."""
+    path = os.path.join(step_dir, MODELS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_tensors(step_dir: str, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor saved under top-level key `prefix` (e.g. "ema"), as plain CPU tensors
+    named without the prefix; no model needed (shapes come from the metadata)."""
+    saved = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    head = prefix + "."
+    template = {k[len(head):]: torch.empty(m.size, dtype=m.properties.dtype)
+                for k, m in saved.items() if k.startswith(head) and isinstance(m, TensorStorageMetadata)}
+    if template:
+        dcp.load({prefix: template}, checkpoint_id=step_dir)
+    # Checkpoints written before names were cleaned carry wrapper segments in their EMA keys.
+    return {clean_name(k): v for k, v in template.items()}
+
+
 def load_model_weights(model: torch.nn.Module, path: str, which: str = "ema") -> str:
-    """Loads the EMA ("ema") or live ("model") weights of a k2train checkpoint into an unsharded model.
+    """Loads the EMA ("ema") or live ("model") weights of a full-weights k2train checkpoint
+    into an unsharded model (LoRA runs: trainer/weights.py merges them onto their base).
 
     Falls back to the live weights when the checkpoint has no EMA. Parameters the
     checkpoint lacks (a new stage's extras in model.aux) keep their values.
     Returns the checkpoint folder used.
     """
+    if which not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {which!r}")
     step_dir = resolve_checkpoint(path)
     if step_dir is None:
         raise ValueError(f"{path} holds no complete k2train checkpoint")
-    saved = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
-    if which == "ema" and not any(k.startswith("ema.") for k in saved):
-        which = "model"
-    own = model.state_dict() if which == "model" else {n: p.detach().clone() for n, p in model.named_parameters()}
-    template = {n: t for n, t in own.items() if f"{which}.{n}" in saved}
-    missing = [n for n in own if n not in template and not n.startswith("aux.")]
+    sd = read_tensors(step_dir, which) if which == "ema" else {}
+    if not sd:
+        sd = read_tensors(step_dir, "model")
+    own = model.state_dict()
+    missing = [n for n in own if n not in sd and not n.startswith("aux.")]
     if missing:
         raise ValueError(f"{step_dir} lacks {len(missing)} weights of this model, e.g. {missing[:3]}")
-    sd = {which: template}
-    dcp.load(sd, checkpoint_id=step_dir)
-    model.load_state_dict(sd[which], strict=False)
+    bad = [f"{n}: {tuple(sd[n].shape)} vs model {tuple(own[n].shape)}" for n in own
+           if n in sd and sd[n].shape != own[n].shape]
+    if bad:
+        raise ValueError(f"{step_dir}: weights do not fit this model: {bad[:3]}")
+    model.load_state_dict({n: sd[n] for n in own if n in sd}, strict=False)
     return step_dir

@@ -17,9 +17,38 @@ from trainer.repa import RepaConfig
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the DiT's linears; rank 0 trains the full weights.
+
+    Applied after the base weights are loaded (checkpoint.init_from), before
+    sharding; only the adapters are optimised, averaged and checkpointed."""
+
+    rank: int = 0
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    dropout: float = 0.0
+    # Module-name suffixes inside the DiT blocks (K2DiT names; see trainer/lora.py).
+    targets: list[str] = field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.out"])
+    # Also adapt the text-fusion blocks' linears (off: the text path of a release rarely needs it).
+    text_fusion: bool = False
+
+
+@dataclass
+class ValidationConfig:
+    """A held-out validation loss with fixed samples, noise and timesteps (comparable across steps)."""
+
+    path: str | None = None  # a shard directory (data/writer.py); None: no validation
+    every: int = 0  # steps between validation passes; 0: never
+    samples: int = 64  # the first N samples of the set, in index order
+    batch_size: int = 16
+
+
+@dataclass
 class StageConfig:
-    # Which objective plugs into the loop (see trainer/objectives.py).
+    # `kind` picks the Stage class (trainer/stage.py): "flow" (pretrain, midtrain, SFT)
+    # or "package.module:Class" for a stage defined outside k2train. A flow stage's
+    # loss is `objective` (trainer/objectives.py).
     name: str = "pretrain"
+    kind: str = "flow"
     objective: str = "flow"
     steps: int = 1000
     global_batch_size: int = 32  # samples per optimizer step, all ranks together
@@ -28,6 +57,10 @@ class StageConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     # iREPA representation alignment; read only by objective flow_repa.
     repa: RepaConfig = field(default_factory=RepaConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # A run stops with status "failed" after this many non-finite steps in a row (0: never).
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -39,7 +72,12 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    # After warmup: "cosine" to lr * min_lr_ratio at the last step; "constant"; or "wsd"
+    # (warmup-stable-decay: constant, then linear to lr * min_lr_ratio over the last
+    # decay_fraction of the steps).
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
 
 
 @dataclass
@@ -82,6 +120,12 @@ class LogConfig:
     # text encoder (data.encoder_path for shards) and prompts from here or the world.
     sample_prompts: list[str] = field(default_factory=list)
     peak_tflops: float | None = None  # per device; None: looked up from the device name
+    # Weights & Biases beside TensorBoard. The W&B run id is the run name, so a requeued
+    # job continues the same W&B run; "offline" needs no network (wandb sync later).
+    wandb: bool = False
+    wandb_project: str = "k2train"
+    wandb_entity: str | None = None
+    wandb_mode: str = "offline"  # offline | online | disabled
 
 
 @dataclass
@@ -160,6 +204,14 @@ class TrainConfig:
                 raise ValueError(f"parallel.{key} must be float32|bfloat16, got {getattr(self.parallel, key)!r}")
         if self.checkpoint.every <= 0 or self.checkpoint.keep <= 0:
             raise ValueError("checkpoint.every and checkpoint.keep must be positive")
+        if self.checkpoint.init_weights not in ("ema", "model"):
+            raise ValueError(f"checkpoint.init_weights must be ema|model, got {self.checkpoint.init_weights!r}")
+        if self.log.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"log.wandb_mode must be offline|online|disabled, got {self.log.wandb_mode!r}")
+        # The stage's own settings (its class knows them), before any work starts.
+        from trainer.stage import validate_stage
+
+        validate_stage(self)
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step."""

@@ -1,29 +1,27 @@
-"""The training loop. Stages plug in an objective (trainer/objectives.py); the
-loop itself is shared by every stage."""
+"""The training loop: it keeps time. The stage (trainer/stage.py) owns the models,
+optimizers and EMAs and computes each optimizer step; the loop counts steps, stops
+on preemption or a run of non-finite steps, and keeps the checkpoint, sample,
+validation and logging cadence."""
 
-import contextlib
 import logging
-import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from omegaconf import OmegaConf
 from PIL import Image
 
 from data.shapes_loader import ShapesData
 from data.sources import build_data
-from trainer.checkpoint import Checkpointer, TrainState, load_model_weights, resolve_checkpoint
+from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
 from trainer.metrics import MetricsLogger
-from trainer.model import K2DiT, flops_per_sample, load_pretrained
-from trainer.objectives import Objective, build_objective
-from trainer.optim import EMA, build_optimizer, lr_at, set_lr
-from trainer.parallel import DTYPES, Dist, init_distributed, parallelize, set_gradient_sync
+from trainer.model import flops_per_sample
+from trainer.parallel import Dist, init_distributed
 from trainer.preemption import Preemption, write_status
 from trainer.sample import generate, grid_image
-from trainer.titan import clip_grad_norm, peak_flops
+from trainer.stage import Stage, build_stage
+from trainer.titan import peak_flops
 
 log = logging.getLogger("k2train")
 
@@ -34,14 +32,15 @@ class Run:
 
     cfg: TrainConfig
     d: Dist
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    ema: EMA | None
-    objective: Objective
+    stage: Stage
     data: ShapesData  # (loader, encoder, latents, world)
     ckpt: Checkpointer
     state: TrainState
     metrics: MetricsLogger
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite gradient norm."""
 
 
 def setup_logging(run_dir: str, is_main: bool) -> None:
@@ -58,18 +57,6 @@ def setup_logging(run_dir: str, is_main: bool) -> None:
         logger.addHandler(h)
 
 
-def init_weights_from(model: K2DiT, cfg: TrainConfig) -> None:
-    """A new run's starting weights: a k2train run/checkpoint (the previous stage,
-    its EMA by default) or released weights (diffusers folder or release file)."""
-    src = cfg.checkpoint.init_from
-    if resolve_checkpoint(src) is not None:
-        used = load_model_weights(model, src, cfg.checkpoint.init_weights)
-    else:
-        model.load_state_dict(load_pretrained(src, cfg.model).state_dict(), strict=False)
-        used = src
-    log.info("initialised from %s", used)
-
-
 def setup(cfg: TrainConfig) -> Run:
     d = init_distributed(cfg.parallel, cfg.device)
     cfg.validate(d.world_size)
@@ -78,6 +65,8 @@ def setup(cfg: TrainConfig) -> Run:
         torch.use_deterministic_algorithms(True)
     os.makedirs(cfg.run_dir, exist_ok=True)
     setup_logging(cfg.run_dir, d.is_main)
+    resolved = OmegaConf.structured(cfg)
+    log.info("run %s, resolved config:\n%s", cfg.run_dir, OmegaConf.to_yaml(resolved).rstrip())
     torch.manual_seed(cfg.seed)
 
     def build():
@@ -95,30 +84,15 @@ def setup(cfg: TrainConfig) -> Run:
             f"{data.latents.channels}-channel latents"
         )
 
-    model = K2DiT(cfg.model)
-    model.init_weights(cfg.seed)
-    log.info("model %s: %.2fM parameters; world size %d on %s", cfg.model.name, model.num_params() / 1e6,
-             d.world_size, d.device)
     ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint, d)
-    objective = build_objective(cfg.stage, cfg.model, cfg.seed)
-    objective.attach(model)  # trainable extras live in model.aux: sharded, optimised, checkpointed
-    if cfg.checkpoint.init_from and ckpt.latest() is None:
-        init_weights_from(model, cfg)
-    model.to(d.device)
-    model = parallelize(model, cfg.parallel, d)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    ema = EMA(model, cfg.stage.ema_decay) if cfg.stage.ema_decay > 0 else None
+    latest = ckpt.latest()
+    stage = build_stage(cfg, d, data, ckpt.path(latest) if latest is not None else None)
+    log.info("stage %s (%s) on world size %d, %s", cfg.stage.name, cfg.stage.kind, d.world_size, d.device)
 
     state = TrainState(world_size=d.world_size)
-    latest = ckpt.latest()
     if latest is not None:
-        extras = {"objective": objective.state_dict}
-        if ema is not None:
-            extras["ema"] = ema.state_dict
-        state, loaded = ckpt.load(latest, model, optimizer, extras)
-        if ema is not None:
-            ema.load_state_dict(loaded["ema"])
-        objective.load_state_dict(loaded["objective"])
+        state, loaded = ckpt.load(latest, stage.trainables, {"stage": stage.state_dict})
+        stage.load_state_dict(loaded["stage"])
         data.loader.load_state_dict(state.loader)
         state.world_size = d.world_size
 
@@ -134,47 +108,14 @@ def setup(cfg: TrainConfig) -> Run:
         d.world_size,
         d.device,
         cfg.log.tensorboard,
+        wandb=cfg.log.wandb,
+        wandb_project=cfg.log.wandb_project,
+        wandb_entity=cfg.log.wandb_entity,
+        wandb_mode=cfg.log.wandb_mode,
+        run_name=cfg.name,
+        config=OmegaConf.to_container(resolved),
     )
-    return Run(cfg, d, model, optimizer, ema, objective, data, ckpt, state, metrics)
-
-
-def autocast(run: Run):
-    """FSDP casts parameters itself; a single unsharded process needs autocast for bf16."""
-    if run.d.mesh is None and run.cfg.parallel.param_dtype == "bfloat16":
-        return torch.autocast(run.d.device.type, dtype=DTYPES["bfloat16"])
-    return contextlib.nullcontext()
-
-
-def train_step(run: Run) -> dict[str, float]:
-    cfg, model, opt = run.cfg, run.model, run.optimizer
-    accum = cfg.accumulation(run.d.world_size)
-    set_lr(opt, lr_at(run.state.step, cfg.stage.steps, cfg.optimizer))
-    run.objective.set_step(run.state.step)
-    loss_sum = torch.zeros((), device=run.d.device)
-    extra: dict[str, torch.Tensor] = {}
-    data_s = 0.0
-    for micro in range(accum):
-        t0 = time.perf_counter()
-        batch = next(run.data.loader).to(run.d.device, non_blocking=True)
-        data_s += time.perf_counter() - t0
-        set_gradient_sync(model, micro == accum - 1)
-        with autocast(run):
-            loss, terms = run.objective.loss(model, batch)
-        (loss / accum).backward()
-        loss_sum += loss.detach()
-        for k, v in terms.items():  # kept on the device: no host sync per micro-batch
-            extra[k] = extra.get(k, 0.0) + v.detach() / accum
-    grad_norm = clip_grad_norm(model.parameters(), cfg.optimizer.grad_clip)
-    if math.isfinite(grad_norm.item()):
-        opt.step()
-        if run.ema is not None:
-            run.ema.update()
-    else:
-        log.warning("step %d: non-finite gradient norm, update skipped", run.state.step)
-    opt.zero_grad(set_to_none=True)
-    run.state.step += 1
-    run.state.samples_seen += cfg.stage.global_batch_size
-    return {"loss": loss_sum / accum, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "data_s": data_s, **extra}
+    return Run(cfg, d, stage, data, ckpt, state, metrics)
 
 
 def can_sample(run: Run) -> bool:
@@ -189,16 +130,11 @@ def save_samples(run: Run) -> None:
     prompts = list(cfg.log.sample_prompts or data.world.held_out_prompts())[: cfg.log.num_samples]
     seeds = list(range(len(prompts)))
     side = cfg.data.image_size // data.latents.downsample
-    if run.ema is not None:
-        run.ema.swap()
-    try:
+    with run.stage.sampling() as model:
         images = generate(
-            run.model, data.encoder.encode, data.latents.decode, prompts, seeds, cfg.model, (side, side),
+            model, data.encoder.encode, data.latents.decode, prompts, seeds, cfg.model, (side, side),
             cfg.log.sample_steps, cfg.log.sample_guidance, run.d.device,
         )
-    finally:
-        if run.ema is not None:
-            run.ema.swap()
     if run.d.is_main:
         grid = grid_image(images, prompts)
         folder = os.path.join(cfg.run_dir, "samples")
@@ -209,10 +145,7 @@ def save_samples(run: Run) -> None:
 
 def save_checkpoint(run: Run) -> None:
     run.state.loader = run.data.loader.state_dict()
-    extras = {"objective": run.objective.state_dict()}
-    if run.ema is not None:
-        extras["ema"] = run.ema.state_dict()
-    run.ckpt.save(run.state, run.model, run.optimizer, extras)
+    run.ckpt.save(run.state, run.stage.trainables, {"stage": run.stage.state_dict()}, run.stage.models_info())
 
 
 def train(cfg: TrainConfig) -> Run:
@@ -231,15 +164,28 @@ def train(cfg: TrainConfig) -> Run:
         log.info("run %s already finished at step %d", cfg.run_dir, st.step)
     status = (lambda state: write_status(cfg.run_dir, state, st.step)) if run.d.is_main else (lambda state: None)
     status("running")
+    nonfinite = 0  # optimizer steps in a row whose update was skipped
     try:
         while st.step < steps:
-            values = train_step(run)
+            values = run.stage.step(st.step)
+            st.step += 1
+            st.samples_seen += cfg.stage.global_batch_size
             run.metrics.count(cfg.stage.global_batch_size, values.pop("data_s"))
-            if st.step % cfg.log.every == 0 or st.step == steps:
-                # loss and objective terms are per rank; grad_norm is already global
-                values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and k != "grad_norm" else v
+            nonfinite = nonfinite + 1 if values.pop("skipped") else 0
+            values.update(run.stage.validate(st.step))
+            if st.step % cfg.log.every == 0 or st.step == steps or "val_loss" in values or nonfinite:
+                # loss and stage terms are per rank; grad norms are already global
+                values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and not k.startswith("grad_norm") else v
                           for k, v in values.items()}
                 run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
+            limit = cfg.stage.max_nonfinite_steps
+            if limit and nonfinite >= limit:
+                raise NonFiniteError(
+                    f"step {st.step}: {nonfinite} steps in a row (steps {st.step - nonfinite + 1}-{st.step}) had a "
+                    f"non-finite gradient norm and were skipped; the weights are those of step {st.step - nonfinite}. "
+                    f"Try a lower optimizer.lr, more optimizer.warmup_steps, optimizer.grad_clip, "
+                    f"parallel.param_dtype=float32 to rule out bf16 overflow, or check the data near these steps "
+                    f"(stage.max_nonfinite_steps={limit}); the last checkpoint is intact")
             stop = preemption.check(run.d)
             if cfg.log.sample_every and can_sample(run) and (st.step % cfg.log.sample_every == 0 or st.step == steps):
                 save_samples(run)
@@ -250,8 +196,10 @@ def train(cfg: TrainConfig) -> Run:
                 log.warning("preempted: checkpoint of step %d saved, exiting for requeue", st.step)
                 break
         run.ckpt.wait()
-    except BaseException:
+    except BaseException as e:
         status("failed")
+        if isinstance(e, NonFiniteError):
+            log.error("failed: %s", e)
         raise
     finally:
         preemption.restore()

@@ -1,14 +1,24 @@
-"""AdamW, the warmup + cosine schedule, and EMA weights."""
+"""AdamW, the learning-rate schedules (warmup, then cosine, constant or WSD), and EMA weights."""
 
 import math
+import re
 
 import torch
 import torch.nn as nn
 
 from trainer.config import OptimizerConfig
+from trainer.model import clean_name
+
+# A name segment that marks a norm weight or a modulation table (`blocks.3.mod`,
+# `attn.q_norm.weight`, `norm1.weight`). Matched on whole segments of the model's own
+# names: wrappers add segments like `_orig_mod`, which a substring test would take for `mod`.
+_NO_DECAY = re.compile(r"(^|\.)(mod|\w*norm\w*)(\.|$)")
+SCHEDULES = ("cosine", "constant", "wsd")
 
 
-NO_DECAY = ("mod", "norm", "table")
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether weight decay applies: matrices, except norm weights and modulation tables."""
+    return p.ndim >= 2 and not _NO_DECAY.search(clean_name(name))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -21,7 +31,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not any(k in name for k in NO_DECAY) else no_decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -29,16 +39,38 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
 
 
+def validate_schedule(cfg: OptimizerConfig) -> None:
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={cfg.schedule!r} is not one of {list(SCHEDULES)}")
+    if not 0.0 < cfg.decay_fraction <= 1.0:
+        raise ValueError(f"optimizer.decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if cfg.lr <= 0 or cfg.warmup_steps < 0:
+        raise ValueError(f"optimizer.lr must be positive and warmup_steps >= 0, got {cfg.lr} and {cfg.warmup_steps}")
+
+
 def lr_at(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at total_steps.
+    """Linear warmup to cfg.lr, then by cfg.schedule:
+    - cosine: down to cfg.lr * min_lr_ratio at total_steps;
+    - constant: cfg.lr;
+    - wsd (warmup-stable-decay): cfg.lr until the last decay_fraction of the steps, then
+      linear down to cfg.lr * min_lr_ratio at total_steps.
 
     A pure function of the step, so a resumed run needs no scheduler state.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_start = total_steps - max(1, round(cfg.decay_fraction * total_steps))
+        if step < max(decay_start, cfg.warmup_steps):
+            return cfg.lr
+        span = max(1, total_steps - max(decay_start, cfg.warmup_steps))
+        progress = min(1.0, (step - max(decay_start, cfg.warmup_steps)) / span)
+        return cfg.lr + (floor - cfg.lr) * progress
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -56,7 +88,8 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        # The model's own names: checkpoints of runs with AC or compile load into a plain model.
+        self.names = [clean_name(n) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone().float() for p in self.params]
 

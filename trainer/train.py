@@ -32,7 +32,7 @@ def save_resolved(cfg: DictConfig, run_dir: str) -> None:
 
 @hydra.main(config_path="../configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from trainer.loop import train
+    from trainer.loop import NonFiniteError, train
 
     config = to_config(cfg)
     try:
@@ -42,7 +42,11 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:
         save_resolved(cfg, config.run_dir)
-    train(config)
+    try:
+        train(config)
+    except NonFiniteError as e:
+        print(f"training failed: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 from tests.conftest import ROOT, train_cmd, train_env
 
@@ -72,3 +73,21 @@ def test_every_shipped_experiment_and_model_composes_and_validates():
     for name in models:
         with initialize_config_dir(config_dir=configs, version_base=None):
             OmegaConf.to_object(compose("train", overrides=[f"model={name}"])).model.validate()
+
+
+def test_stage_settings_are_checked_with_the_config(run_root):
+    """Stage settings fail before any work starts — in the trainer and in `slurm.submit --dry-run`."""
+    out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage=pretrain_256_repa", "stage.repa.block=99")
+    assert "stage.repa.block=99" in out
+    out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage.lora.rank=4")
+    assert "checkpoint.init_from" in out  # a LoRA needs weights to adapt
+    out = _fails("experiment=test_tiny", f"run_root={run_root}", "optimizer.schedule=linear")
+    assert "optimizer.schedule" in out
+    out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage.kind=nowhere.module:Stage")
+    assert "stage.kind" in out
+    proc = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--dry-run", "+launcher=slurm", "experiment=test_tiny",
+         f"run_root={run_root}", "stage.micro_batch_size=1", "stage=pretrain_256_repa", "stage.repa.block=99"],
+        cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "stage.repa.block=99" in proc.stdout + proc.stderr
+    assert not os.path.exists(os.path.join(run_root, "test_tiny", "train.sbatch"))

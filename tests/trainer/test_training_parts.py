@@ -107,7 +107,7 @@ def test_training_starts_from_released_weights(tmp_path):
         torch.nn.init.normal_(p, std=0.05)
     path = save_pretrained(released, tmp_path / "release", fmt="release")
     run = setup(_init_config(tmp_path, model_cfg, str(path)))
-    got = run.model.state_dict()
+    got = run.stage.trainables["model"].module.state_dict()
     for name, tensor in released.state_dict().items():
         assert torch.equal(got[name], tensor), name
 
@@ -145,7 +145,7 @@ def test_next_stage_starts_from_previous_stage_ema(tmp_path):
     cfg.stage.global_batch_size = cfg.stage.micro_batch_size = 2
     cfg.checkpoint.init_from = os.path.join(root, "stage1")
     cfg.log.tensorboard = False
-    got = setup(cfg).model.state_dict()
+    got = setup(cfg).stage.trainables["model"].module.state_dict()
     assert saved["ema"].keys() == {n for n, _ in K2DiT(MC(**tiny)).named_parameters()}
     for name, tensor in saved["ema"].items():
         assert torch.equal(got[name], tensor), name

@@ -3,10 +3,11 @@
 from trainer.model.config import ModelConfig
 from trainer.model.dit import K2DiT, patchify, positions, unpatchify
 from trainer.model.flops import flops_per_sample
-from trainer.model.interop import load_pretrained, save_pretrained
+from trainer.model.interop import clean_name, load_pretrained, save_pretrained
 
 __all__ = [
     "K2DiT",
+    "clean_name",
     "ModelConfig",
     "patchify",
     "unpatchify",

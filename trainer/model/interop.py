@@ -72,8 +72,20 @@ _LEAVES = {
 }
 # K2DiT.aux: training-only modules, never exported.
 AUX_PREFIX = "aux."
-# Wrappers that the trainer puts around blocks (torch.compile, activation checkpointing).
+# Wrappers that the trainer puts around blocks (torch.compile, activation checkpointing),
+# and peft's adapter name inside LoRA weights: never part of a saved name.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
+_ADAPTER_SEGMENTS = ((".lora_A.default.", ".lora_A."), (".lora_B.default.", ".lora_B."))
+
+
+def clean_name(key: str) -> str:
+    """A parameter's own name, whatever wraps its module: `blocks.0._orig_mod._checkpoint_wrapped_module.attn.q.weight`
+    → `blocks.0.attn.q.weight`; peft's `….lora_A.default.weight` → `….lora_A.weight`."""
+    for seg in _WRAPPER_SEGMENTS:
+        key = key.replace(seg, "")
+    for seg, plain in _ADAPTER_SEGMENTS:
+        key = key.replace(seg, plain)
+    return key
 
 
 def _check_fmt(fmt: str) -> int:
@@ -85,8 +97,7 @@ def _check_fmt(fmt: str) -> int:
 def foreign_name(key: str, fmt: str) -> str:
     """Name of our parameter `key` in layout `fmt`."""
     i = _check_fmt(fmt)
-    for seg in _WRAPPER_SEGMENTS:
-        key = key.replace(seg, "")
+    key = clean_name(key)
     if key in _TOP:
         return _TOP[key][i]
     for ours, theirs in _CONTAINERS.items():
