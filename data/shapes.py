@@ -18,8 +18,20 @@ although each held-out pair is still trained on alone ("a purple triangle").
 `held_out_prompts()` are eight such compositions, used to see whether a model
 composes what it learned separately.
 
-Everything is a pure function of (seed, index): `np.random.default_rng([seed, index])`,
-never a global RNG, so any process can render any sample id.
+A fine-tuning target: the palette has a seventh colour, pink (`CONCEPT`), that the
+renderer and the checker know but the pretraining stream (`ShapesWorld.sample`)
+never draws. Its word is in `all_captions()` / `vocabulary()`, so the tiny text
+encoder built from them has a token for it, as a real encoder would. `ConceptWorld`
+is the SFT stream: every sample shows pink, alone or next to a pretraining colour,
+with a "train" and a disjoint "val" split. Two-shape scenes with a pink circle
+(`CONCEPT_HELD_OUT_PAIRS`) are held out of both, the way HELD_OUT_PAIRS is:
+`concept_prompts()` are eight of them, `concept_reference_prompts()` the same eight
+with pink swapped for a colour pretraining knows (the base model's level on the
+same layouts).
+
+Everything is a pure function of (seed, index): `np.random.default_rng([seed, index])`
+(ConceptWorld: [seed, index, stream tag, split]), never a global RNG, so any process
+can render any sample id.
 """
 
 from __future__ import annotations
@@ -29,8 +41,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Chosen far apart in RGB (every pair > 90 apart) so nearest-palette
-# classification stays unambiguous even on blurry generated samples.
+# Chosen far apart in RGB (every pair > 90 apart, backgrounds included) so
+# nearest-palette classification stays unambiguous even on blurry generated samples;
+# and no antialiased blend of a colour with a background comes within 64 (the
+# checker's max_distance) of a third colour, so shape edges are never read as another
+# colour. Pink is (255, 105, 190), not hot pink (255, 105, 180): a red edge on the
+# light background passes 63 from that one.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 30, 30),
     "green": (30, 165, 60),
@@ -38,7 +54,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (245, 225, 30),
     "purple": (140, 50, 190),
     "orange": (255, 140, 0),
+    "pink": (255, 105, 190),
 }
+# The colour pretraining never draws (the fine-tuning target; see ConceptWorld).
+CONCEPT = "pink"
+# What ShapesWorld.sample draws from, in the order its random draws index.
+PRETRAIN_COLOURS = tuple(c for c in COLOURS if c != CONCEPT)
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "light": (235, 235, 228),
     "dark": (30, 30, 36),
@@ -53,6 +74,8 @@ RELATIONS: dict[str, tuple[str, ...]] = {
 }
 # (colour, shape) pairs that never appear in *two-shape* training captions.
 HELD_OUT_PAIRS = (("purple", "triangle"), ("orange", "circle"))
+# The same for the concept stream (both splits): a pink circle is seen alone, never in a pair.
+CONCEPT_HELD_OUT_PAIRS = ((CONCEPT, "circle"),)
 
 _HELD_OUT_PROMPTS = (
     "a purple triangle above a green circle",
@@ -73,6 +96,30 @@ _TRAIN_PROMPTS = (
     "a purple square to the left of an orange triangle",
     "a red triangle to the right of a green square",
     "an orange square above a purple circle",
+)
+
+# Eight two-shape prompts with a (held-out) pink circle, every relation, pink first and
+# second, each beside the colour its reference prompt uses instead of pink: one the
+# base knows, not already in the prompt, making a pretraining caption.
+_CONCEPT_PROMPTS = (
+    ("a pink circle above a green square", "red"),
+    ("a blue triangle below a pink circle", "yellow"),
+    ("a pink circle to the left of a yellow triangle", "purple"),
+    ("a red square to the right of a pink circle", "green"),
+    ("a pink circle below an orange square", "blue"),
+    ("a purple circle above a pink circle", "red"),
+    ("a pink circle to the right of a blue square", "yellow"),
+    ("a green triangle to the left of a pink circle", "red"),
+)
+_CONCEPT_TRAIN_PROMPTS = (
+    "a pink circle",
+    "a pink square",
+    "a pink triangle",
+    "a pink square above a green circle",
+    "a blue circle below a pink triangle",
+    "a pink triangle to the left of a yellow square",
+    "a red circle to the right of a pink square",
+    "an orange triangle above a pink square",
 )
 
 SINGLE_FRACTION = 0.25  # share of one-shape images in the training stream
@@ -127,6 +174,30 @@ def is_held_out(scene: Scene) -> bool:
     return len(scene.objects) == 2 and any(obj in HELD_OUT_PAIRS for obj in scene.objects)
 
 
+def is_concept_held_out(scene: Scene) -> bool:
+    return len(scene.objects) == 2 and any(obj in CONCEPT_HELD_OUT_PAIRS for obj in scene.objects)
+
+
+def has_concept(scene: Scene) -> bool:
+    return any(colour == CONCEPT for colour, _ in scene.objects)
+
+
+def concept_prompts() -> list[str]:
+    """Eight fixed two-shape pink prompts that neither ConceptWorld split ever produces."""
+    return [p for p, _ in _CONCEPT_PROMPTS]
+
+
+def concept_reference_prompts() -> list[str]:
+    """`concept_prompts()` with pink replaced by a pretraining colour (each a pretraining
+    caption): how well the base draws the same layouts with a colour it knows."""
+    out = []
+    for prompt, colour in _CONCEPT_PROMPTS:
+        scene = parse_caption(prompt)
+        objects = tuple((colour if c == CONCEPT else c, s) for c, s in scene.objects)
+        out.append(scene_to_caption(Scene(objects, scene.relation)))
+    return out
+
+
 def _shape_mask(shape: str, cy: float, cx: float, r: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Boolean mask of `shape` centred at (cy, cx) with "radius" r, sampled at pixel coordinates ys, xs."""
     dy, dx = ys - cy, xs - cx
@@ -154,7 +225,7 @@ class ShapesWorld:
 
     # ---- captions -------------------------------------------------------------------------
     def all_captions(self) -> list[str]:
-        """Every caption this world can draw (training and held out), in a fixed order."""
+        """Every caption this world can draw (training, held out and pink), in a fixed order."""
         objects = [(c, s) for c in COLOURS for s in SHAPES]
         scenes = [Scene((o,)) for o in objects]
         for a, b in itertools.product(objects, objects):
@@ -163,7 +234,11 @@ class ShapesWorld:
         return [scene_to_caption(s) for s in scenes]
 
     def training_captions(self) -> list[str]:
-        return [c for c in self.all_captions() if not is_held_out(parse_caption(c))]
+        """The captions `sample` draws from: no held-out composition, no pink."""
+        return [c for c in self.all_captions() if self._in_stream(parse_caption(c))]
+
+    def _in_stream(self, scene: Scene) -> bool:
+        return not is_held_out(scene) and not has_concept(scene)
 
     def held_out_prompts(self) -> list[str]:
         """Eight fixed two-shape prompts that the training stream never produces."""
@@ -177,8 +252,11 @@ class ShapesWorld:
         """All words any caption uses, sorted."""
         return sorted({w for c in self.all_captions() for w in c.split()})
 
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(index)])
+
     def _draw_scene(self, rng: np.random.Generator) -> Scene:
-        colours = list(COLOURS)
+        colours = PRETRAIN_COLOURS
         if rng.random() < SINGLE_FRACTION:
             return Scene(((colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]),))
         while True:  # rejection keeps the draw a pure function of the rng state
@@ -194,7 +272,7 @@ class ShapesWorld:
         """Training sample `index` (>= 0): (image_HWC uint8, caption); never a held-out caption."""
         if index < 0:
             raise ValueError(f"sample index must be >= 0, got {index}")
-        rng = np.random.default_rng([self.seed, int(index)])
+        rng = self._rng(index)
         caption = scene_to_caption(self._draw_scene(rng))
         return self.render(caption, rng), caption
 
@@ -241,13 +319,61 @@ class ShapesWorld:
         return np.clip(np.rint(image_HWC), 0, 255).astype(np.uint8)
 
 
+class ConceptWorld(ShapesWorld):
+    """The fine-tuning stream: every sample shows pink (`CONCEPT`), which pretraining never draws.
+
+    A quarter are one pink shape; the rest pair a pink shape with one of another
+    pretraining colour, in either order, with the layout rules of ShapesWorld. Neither
+    split draws a held-out composition: HELD_OUT_PAIRS (kept for the base evaluation)
+    and CONCEPT_HELD_OUT_PAIRS (a pink circle in a pair: `concept_prompts()`).
+    `split` "train" and "val" draw the same caption distribution from independent
+    random streams, so validation images are never training images. `render`, the
+    vocabulary and the checker are ShapesWorld's.
+    """
+
+    SPLITS = ("train", "val")
+    _STREAM = 0xC0C  # tags the concept streams apart from the pretraining one ([seed, index])
+
+    def __init__(self, image_size: int = 32, seed: int = 0, split: str = "train"):
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
+        super().__init__(image_size, seed)
+        self.split = split
+
+    def _in_stream(self, scene: Scene) -> bool:
+        return has_concept(scene) and not is_held_out(scene) and not is_concept_held_out(scene)
+
+    def held_out_prompts(self) -> list[str]:
+        """The concept evaluation prompts, which neither split produces."""
+        return concept_prompts()
+
+    def train_prompts_example(self) -> list[str]:
+        """Eight fixed prompts from the concept stream (for sample grids)."""
+        return list(_CONCEPT_TRAIN_PROMPTS)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(index), self._STREAM, self.SPLITS.index(self.split)])
+
+    def _draw_scene(self, rng: np.random.Generator) -> Scene:
+        if rng.random() < SINGLE_FRACTION:
+            return Scene(((CONCEPT, SHAPES[rng.integers(len(SHAPES))]),))
+        while True:  # rejection keeps the draw a pure function of the rng state
+            other = PRETRAIN_COLOURS[rng.integers(len(PRETRAIN_COLOURS))]
+            s1, s2 = rng.integers(len(SHAPES), size=2)
+            relation = list(RELATIONS)[rng.integers(len(RELATIONS))]
+            objects = ((CONCEPT, SHAPES[s1]), (other, SHAPES[s2]))
+            scene = Scene(objects if rng.random() < 0.5 else objects[::-1], relation)
+            if self._in_stream(scene):
+                return scene
+
+
 # ---- checking images against captions ---------------------------------------------------------
 _PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), np.float32)
 
 
 def classify_pixels(image_HWC: np.ndarray, max_distance: float = 64.0) -> np.ndarray:
-    """Index into the palette (COLOURS then BACKGROUNDS) of each pixel's nearest colour, -1 if
-    none is within max_distance (antialiased edges, muddy generated colours)."""
+    """Index into the palette (COLOURS, pink included, then BACKGROUNDS) of each pixel's nearest
+    colour, -1 if none is within max_distance (antialiased edges, muddy generated colours)."""
     if image_HWC.ndim != 3 or image_HWC.shape[-1] != 3:
         raise ValueError(f"expected an HWC RGB image, got shape {image_HWC.shape}")
     pixels = image_HWC.reshape(-1, 3).astype(np.float32)

@@ -6,7 +6,11 @@ Inputs (`list_chunks(spec, chunk_size)`):
     the same folder with lines {"file": "<name>.jpg", "caption": ...}; `.tar` files in
     the folder are read as below;
   - a `.tar` (uncompressed): webdataset-style groups `<key>.jpg|png|webp` + `<key>.txt|json`;
-  - `shapes:N[:SIZE[:SEED]]`: N samples of the demo shapes world (data/shapes.py).
+  - `shapes:N[:SIZE[:SEED]]`: samples 0..N-1 of the demo shapes world's pretraining
+    stream (data/shapes.py: ShapesWorld);
+  - `shapes-pink:N[:SIZE[:SEED]]`: the fine-tuning stream of the colour pretraining never
+    draws (ConceptWorld, split "train"); `shapes-pink-val:N[:SIZE[:SEED]]`: its validation
+    split, other images of the same caption distribution. SIZE defaults to 32, SEED to 0.
 
 Listing only reads names and tar headers; `load_item` reads and decodes one input and
 raises `Reject(reason)` for anything unusable (the writer records the reason and moves on).
@@ -23,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageOps
 
-from data.shapes import ShapesWorld
+from data.shapes import ConceptWorld, ShapesWorld
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class Item:
     """One input, described by where to read it (JSON-able, so a chunk can travel in a job row).
 
     image:   ["file", path] | ["tar", path, offset, size] | ["shapes", image_size, seed, index]
+             | ["shapes", image_size, seed, index, stream] (stream: a SHAPES_STREAMS name but "shapes")
     caption: ["text", str] | ["file", path] | ["tar", path, offset, size, ext] | None (missing)
     """
 
@@ -141,20 +146,42 @@ def _list_folder(root: str) -> list[Item]:
     return items
 
 
+# The procedural streams an input spec can name (`<stream>:N[:SIZE[:SEED]]`).
+SHAPES_STREAMS = {
+    "shapes": lambda size, seed: ShapesWorld(size, seed),
+    "shapes-pink": lambda size, seed: ConceptWorld(size, seed, split="train"),
+    "shapes-pink-val": lambda size, seed: ConceptWorld(size, seed, split="val"),
+}
+_SPEC_HELP = "a folder, a .tar file, or " + " | ".join(f"{s}:N[:SIZE[:SEED]]" for s in SHAPES_STREAMS)
+
+
+def _list_shapes(stream: str, spec: str) -> list[Item]:
+    parts = spec.split(":")[1:]
+    try:
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(f"{len(parts)} fields")
+        n, size, seed = (int(p) for p in parts + ["32", "0"][len(parts) - 1:])
+    except ValueError as e:
+        raise ValueError(f"input {spec!r}: expected {stream}:N[:SIZE[:SEED]] with integers") from e
+    try:
+        SHAPES_STREAMS[stream](size, seed)  # an unusable size fails here, not in every job
+    except ValueError as e:
+        raise ValueError(f"input {spec!r}: {e}") from e
+    # The pretraining stream keeps its 4-field reference (and key), as chunk jobs already store it.
+    tail = () if stream == "shapes" else (stream,)
+    return [Item(f"{stream}-{seed}-{size}/{i:08d}", ("shapes", size, seed, i) + tail) for i in range(n)]
+
+
 def list_inputs(spec: str) -> list[Item]:
-    """Every input of `spec` (a folder, a .tar, or shapes:N[:SIZE[:SEED]]) in a fixed order."""
-    if spec.startswith("shapes:"):
-        parts = spec.split(":")[1:]
-        try:
-            n, size, seed = (int(p) for p in parts + ["32", "0"][len(parts) - 1:])
-        except ValueError as e:
-            raise ValueError(f"input {spec!r}: expected shapes:N[:SIZE[:SEED]] with integers") from e
-        return [Item(f"shapes-{seed}-{size}/{i:08d}", ("shapes", size, seed, i)) for i in range(n)]
+    """Every input of `spec` (a folder, a .tar, or one of SHAPES_STREAMS) in a fixed order."""
+    stream = spec.split(":", 1)[0]
+    if stream in SHAPES_STREAMS and ":" in spec:
+        return _list_shapes(stream, spec)
     if os.path.isdir(spec):
         return _list_folder(spec)
     if os.path.isfile(spec) and spec.endswith(".tar"):
         return _list_tar(spec, os.path.basename(spec))
-    raise ValueError(f"input {spec!r} is not a folder, a .tar file, or shapes:N[:SIZE[:SEED]]")
+    raise ValueError(f"input {spec!r} is not {_SPEC_HELP}")
 
 
 def list_chunks(spec: str, chunk_size: int) -> list[Chunk]:
@@ -236,8 +263,9 @@ def load_item(item: Item, cfg) -> tuple[Image.Image, str, dict]:
     `cfg` gives the size limits: min_side, max_side, max_aspect (data.writer.WriterConfig).
     """
     if item.image[0] == "shapes":
-        _, size, seed, index = item.image
-        image_HWC, caption = ShapesWorld(image_size=int(size), seed=int(seed)).sample(int(index))
+        _, size, seed, index, *stream = item.image
+        world = SHAPES_STREAMS[stream[0] if stream else "shapes"](int(size), int(seed))
+        image_HWC, caption = world.sample(int(index))
         return Image.fromarray(image_HWC), caption, {"orig_size": [int(size), int(size)]}
     data = _read_ref(item.image, "image")
     caption, meta = _caption(item)

@@ -313,9 +313,23 @@ def write_shards(inputs: str | list[Chunk], out_dir: str, latents, encoder, cfg:
     return build_index(out_dir)
 
 
+def default_text_layers(encoder_path: str) -> list[int]:
+    """The hidden states to tap when none are given: Krea 2's 2, 5, ..., 35 for an encoder
+    that deep (Qwen3-VL-4B has 36 layers), else every decoder layer (the tiny demo encoder,
+    a base run's `text_encoder/` folder included: 1 2 3 4)."""
+    path = os.path.join(encoder_path, "config.json")
+    config = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            config = json.load(f)
+    depth = config.get("text_config", config).get("num_hidden_layers", 36)
+    return list(range(2, 36, 3)) if depth >= 36 else list(range(1, depth + 1))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Encode captioned images into k2train shards (docs/SHARDS.md).")
-    parser.add_argument("--input", required=True, help="folder, .tar, or shapes:N[:SIZE[:SEED]]")
+    parser.add_argument("--input", required=True,
+                        help="folder, .tar, or shapes:N[:SIZE[:SEED]] (also shapes-pink:..., shapes-pink-val:...)")
     parser.add_argument("--output", required=True, help="shard directory (created; a rerun resumes)")
     parser.add_argument("--chunk-size", type=int, default=1000, help="inputs per chunk (= per shard)")
     parser.add_argument("--resolution", type=int, default=256, help="bucket area is resolution² pixels")
@@ -324,13 +338,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-side", type=int, default=16384)
     parser.add_argument("--max-aspect", type=float, default=4.0)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--encoder", default=None, help="Qwen3-VL folder; default: the tiny demo encoder")
+    parser.add_argument("--encoder", default=None,
+                        help="Qwen3-VL folder, or a base run's shards/text_encoder; default: build the tiny demo "
+                             "encoder into OUTPUT/text_encoder")
     parser.add_argument("--latents", default="pixels", choices=["pixels", "qwen_image", "flux2"])
     parser.add_argument("--vae-path", default=None)
     parser.add_argument("--pixel-downsample", type=int, default=1, help="--latents pixels: average-pool factor")
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--text-layers", type=int, nargs="+", default=None,
-                        help="hidden states to tap (default: 1 2 3 4 for the tiny encoder, else 2 5 ... 35)")
+                        help="hidden states to tap (default: every layer of a shallow encoder, 1 2 3 4 for the "
+                             "tiny one; 2 5 ... 35 for a 36-layer one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -342,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     encoder_path = args.encoder
     if encoder_path is None:  # the same deterministic artifact the shapes demo builds
         encoder_path = ensure_tiny_encoder(os.path.join(args.output, "text_encoder"), ShapesWorld().all_captions())
-    layers = args.text_layers or ([1, 2, 3, 4] if args.encoder is None else list(range(2, 36, 3)))
+    layers = args.text_layers or default_text_layers(encoder_path)
     encoder = TextEncoder.from_pretrained(encoder_path, layers=layers, max_len=args.text_len, device=args.device)
     latents = make_latents(args.latents, args.vae_path, device=args.device, pixel_downsample=args.pixel_downsample)
     cfg = WriterConfig(resolution=args.resolution, bucket_multiple=args.bucket_multiple, min_side=args.min_side,

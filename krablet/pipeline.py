@@ -3,6 +3,14 @@ then one `shards.index` job that depends on all of them.
 
     python -m krablet.pipeline --input /data/images --output /shards/256 --workers 8 [--dsn ...]
 
+Inputs are data/shard_inputs.py's: a folder, a .tar, or a shapes stream. For the shapes
+world without --encoder, the tiny demo encoder is built into OUTPUT/text_encoder. A
+fine-tuning set must be encoded with its base run's encoder, so its text features are
+the ones the base model learned:
+
+    python -m krablet.pipeline --input shapes-pink:2400:32 --output runs/demo/pink \
+        --encoder runs/demo/shards/text_encoder ...
+
 Job keys are (output folder, chunk name), so submitting the same ingestion
 twice adds nothing, and a chunk job re-run after a worker died rewrites the
 same shard names (`data.writer.write_chunk` publishes a chunk atomically and
@@ -16,7 +24,7 @@ import time
 from dataclasses import asdict
 
 from data.shard_inputs import Chunk, list_chunks
-from data.writer import WriterConfig, build_index, write_chunk
+from data.writer import WriterConfig, build_index, default_text_layers, write_chunk
 from krablet.kinds import kind, require
 from krablet.queue import NewJob, ShardQueue, connect
 
@@ -75,10 +83,13 @@ def ingest_jobs(inputs: str, out: str, encoder: str, chunk_size: int = 1000, tex
 
 
 class _Progress:
-    """Prints the shard jobs' progress every few seconds while the workers run."""
+    """Prints the shard jobs' progress every few seconds while the workers run.
 
-    def __init__(self, dsns: list[str], total: int, every_s: float = 5.0):
-        self.dsns, self.total, self.every_s = dsns, total, every_s
+    "done" counts this ingestion's jobs (by key), not the earlier ingestions that
+    share the database (a fine-tuning set written beside its base set)."""
+
+    def __init__(self, dsns: list[str], keys: list[str], every_s: float = 5.0):
+        self.dsns, self.keys, self.total, self.every_s = dsns, keys, len(keys), every_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -97,13 +108,15 @@ class _Progress:
             self._print()
 
     def _print(self) -> None:
-        states: dict[str, int] = {}
+        states: dict[str, int] = {"done": 0}
         for dsn in self.dsns:
             try:
                 with connect(dsn) as conn:
-                    for (state, kind), n in ShardQueue(conn).counts().items():
-                        if kind.startswith("shards."):
+                    queue = ShardQueue(conn)
+                    for (state, kind), n in queue.counts().items():
+                        if kind.startswith("shards.") and state != "done":
                             states[state] = states.get(state, 0) + n
+                    states["done"] += len(queue.done_keys(self.keys))
             except Exception as e:  # progress is best effort; the workers report their own errors
                 print(f"progress: shard unreachable ({type(e).__name__})", flush=True)
                 return
@@ -121,14 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     from krablet.worker import WorkerConfig, run_pool
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="folder, .tar, or shapes:N[:SIZE[:SEED]]")
+    p.add_argument("--input", required=True,
+                   help="folder, .tar, or shapes:N[:SIZE[:SEED]] (also shapes-pink:..., shapes-pink-val:...)")
     p.add_argument("--output", required=True, help="shard directory")
     p.add_argument("--chunk-size", type=int, default=1000)
     p.add_argument("--resolution", type=int, default=256, help="bucket area is resolution² pixels")
     p.add_argument("--bucket-multiple", type=int, default=64, help="bucket sides are multiples of this")
-    p.add_argument("--encoder", default=None, help="Qwen3-VL folder; default: the tiny demo encoder")
+    p.add_argument("--encoder", default=None,
+                   help="Qwen3-VL folder, or a base run's shards/text_encoder; default: build the tiny demo "
+                        "encoder into OUTPUT/text_encoder")
     p.add_argument("--text-len", type=int, default=512)
-    p.add_argument("--text-layers", type=int, nargs="+", default=None)
+    p.add_argument("--text-layers", type=int, nargs="+", default=None,
+                   help="hidden states to tap (default: every layer of a shallow encoder, 1 2 3 4 for the "
+                        "tiny one; 2 5 ... 35 for a 36-layer one)")
     p.add_argument("--latents", default="pixels", choices=["pixels", "qwen_image", "flux2"])
     p.add_argument("--vae-path", default=None)
     p.add_argument("--pixel-downsample", type=int, default=1)
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder = args.encoder or ensure_tiny_encoder(os.path.join(args.output, "text_encoder"),
                                                   ShapesWorld().all_captions())
-    layers = args.text_layers or ([1, 2, 3, 4] if args.encoder is None else list(range(2, 36, 3)))
+    layers = args.text_layers or default_text_layers(encoder)
     writer = WriterConfig(resolution=args.resolution, bucket_multiple=args.bucket_multiple)
     jobs = ingest_jobs(args.input, args.output, encoder, args.chunk_size, args.text_len, layers, args.latents,
                        args.vae_path, args.pixel_downsample, writer)
@@ -158,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         # Encoders are multi-threaded: share the cores between the worker processes.
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.workers))))
         config = WorkerConfig(dsns, batch_size=1, drain=True, kind_modules=["krablet.pipeline"])
-        with _Progress(dsns, len(jobs)):
+        with _Progress(dsns, [j.key for j in jobs]):
             rc = run_pool(config, args.workers)
     index_path = os.path.join(args.output, "index.json")
     if rc == 0 and os.path.exists(index_path):

@@ -1,10 +1,24 @@
-"""What a shapes-world run learned: generate for held-out and training prompts,
-check each image against its caption, print the accuracies.
+"""What a shapes-world run learned: generate for sets of prompts, check each image
+against its caption, print the accuracies beside a baseline.
 
     python -m trainer.evaluate runs/demo [--seeds 2] [--steps 20] [--guidance 3]
+    python -m trainer.evaluate runs/pink_sft --prompts concept          # the fine-tuning target
+    python -m trainer.evaluate runs/demo --lora runs/pink_lora:0.8 --prompts concept,held-out
 
-Scores the newest checkpoint's EMA weights (live weights with --live) beside the
-untrained model, writes `eval.json` and `eval.png` into the run directory.
+Prompt sets (`--prompts`, comma-separated; default held-out,training):
+  held-out   the world's eight compositions pretraining never shows (data/shapes.py);
+  training   eight prompts of the pretraining distribution;
+  concept    `concept_prompts()` (pink, never in the pink SFT stream) and, as the set
+             `concept-ref`, the same prompts with a colour pretraining knows in place of
+             pink: how well the model draws those layouts at all.
+
+Scored: the newest checkpoint's EMA weights (live weights with --live), with any
+`--lora PATH[:SCALE]` adapters merged on (trainer/weights.py's `load_weights`).
+Baseline: the run's init model (`checkpoint.init_from`, an SFT run) labelled `base`;
+with --lora, the same weights without the adapters (`base`); else the untrained model.
+Each image counts as colours / shapes / relation right, and all-correct when all three
+are. Writes `eval.json` and `eval.png` (baseline and scored rows per set) into the run
+directory.
 """
 
 import argparse
@@ -14,15 +28,18 @@ import os
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from data.shapes import score_caption
+from data.shapes import concept_prompts, concept_reference_prompts, score_caption
 from data.shapes_loader import build_shapes_data
 from data.sources import build_shard_data
-from trainer.checkpoint import load_model_weights
+from trainer.checkpoint import resolve_checkpoint
 from trainer.config import TrainConfig
 from trainer.model import K2DiT
 from trainer.sample import generate, grid_image
+
+PROMPT_SETS = ("held-out", "training", "concept")
+CHECKS = ("colours", "shapes", "relation", "all_correct")
 
 
 def load_run_config(run_dir: str) -> TrainConfig:
@@ -32,19 +49,63 @@ def load_run_config(run_dir: str) -> TrainConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path)))
 
 
-def load_weights(model: K2DiT, run_dir: str, which: str) -> int:
-    """Loads `which` ("ema" or "model") of the newest checkpoint into `model`; returns its step."""
-    folder = load_model_weights(model, run_dir, which)
-    return int(os.path.basename(folder).split("_")[1])
-
-
 def score(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """Share of images (N, 3, H, W in [-1, 1]) that show their prompt: colours, shapes and
+    relation right (data.shapes.score_caption), and all three at once (all_correct)."""
     pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     checks = [score_caption(img, p) for img, p in zip(pixels, prompts)]
-    return {k: float(np.mean([c[k] for c in checks])) for k in ("colours", "shapes", "relation")}
+    for c in checks:
+        c["all_correct"] = c["colours"] and c["shapes"] and c["relation"]
+    return {k: float(np.mean([c[k] for c in checks])) for k in CHECKS}
 
 
-def evaluate(run_dir: str, seeds: int = 2, steps: int = 20, guidance: float = 3.0, live: bool = False) -> dict:
+def prompt_sets(names: list[str], world) -> dict[str, list[str]]:
+    """{set name: prompts} for the names of PROMPT_SETS; "concept" gives concept and concept-ref."""
+    unknown = [n for n in names if n not in PROMPT_SETS]
+    if unknown or not names:
+        raise ValueError(f"unknown prompt sets {unknown}; choose from {list(PROMPT_SETS)}")
+    sets = {}
+    for name in names:
+        if name == "held-out":
+            sets[name] = world.held_out_prompts()
+        elif name == "training":
+            sets[name] = world.train_prompts_example()
+        else:
+            sets["concept"], sets["concept-ref"] = concept_prompts(), concept_reference_prompts()
+    return sets
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """"PATH[:SCALE]" -> (PATH, SCALE); the scale defaults to 1 (a path may hold colons)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _grid(rows: list[tuple[str, torch.Tensor, list[str]]], cell: int = 128) -> np.ndarray:
+    """One labelled strip per (label, images, captions) row, stacked."""
+    strips = []
+    for label, images, captions in rows:
+        tiles = grid_image(images, captions, cell=cell, cols=len(captions))
+        head = Image.new("RGB", (tiles.shape[1], 16), "white")
+        ImageDraw.Draw(head).text((2, 2), label, fill="black")
+        strips += [np.asarray(head), tiles]
+    width = max(s.shape[1] for s in strips)
+    return np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255)
+                           for s in strips])
+
+
+def evaluate(run_dir: str, seeds: int = 2, steps: int = 20, guidance: float = 3.0, live: bool = False,
+             prompts: list[str] = ("held-out", "training"), loras: list[tuple[str, float]] = ()) -> dict:
+    """Scores `run_dir` (and its baseline) on the prompt sets; writes eval.json / eval.png
+    into it and returns the report: {"step", "weights", "baseline": label, label: scores,
+    "trained": scores, ...}, scores being {set: {check: share of images}}."""
+    from trainer.weights import load_weights  # run dirs, LoRA runs merged onto their base, releases
+
     cfg = load_run_config(run_dir)
     if cfg.data.name == "shapes":
         data = build_shapes_data(cfg.data, os.path.join(run_dir, "assets"), 1)
@@ -55,52 +116,73 @@ def evaluate(run_dir: str, seeds: int = 2, steps: int = 20, guidance: float = 3.
                          f"data.world=shapes and data.encoder_path (got data.name={cfg.data.name!r}, "
                          f"world={cfg.data.world!r})")
     side = cfg.data.image_size // data.latents.downsample
-    sets = {"held-out": data.world.held_out_prompts(), "training": data.world.train_prompts_example()}
+    sets = prompt_sets(list(prompts), data.world)
+    which = "model" if live else "ema"
+    loras = [(str(p), float(s)) for p, s in loras]
 
     def run(model):
-        out, grids = {}, []
-        for name, prompts in sets.items():
-            ps = [p for p in prompts for _ in range(seeds)]
-            images = generate(model, data.encoder.encode, data.latents.decode, ps, list(range(len(ps))),
+        out, firsts = {}, {}
+        for name, ps in sets.items():
+            repeated = [p for p in ps for _ in range(seeds)]
+            images = generate(model, data.encoder.encode, data.latents.decode, repeated, list(range(len(repeated))),
                               cfg.model, (side, side), steps, guidance, torch.device("cpu"))  # fmt: skip
-            out[name] = score(images, ps)
-            grids.append((images[::seeds], prompts))
-        return out, grids
+            out[name] = score(images, repeated)
+            firsts[name] = images[::seeds]
+        return out, firsts
 
-    untrained = K2DiT(cfg.model)
-    untrained.init_weights(cfg.seed)
-    before, _ = run(untrained)
-    trained = K2DiT(cfg.model)
-    step = load_weights(trained, run_dir, "model" if live else "ema")
-    after, grids = run(trained)
+    # The baseline says what the scored weights changed: the model an SFT run started
+    # from, the weights without the adapters, or (pretraining) the untrained model.
+    if loras:
+        label, baseline_src, baseline = "base", run_dir, load_weights(run_dir, which, model_cfg=cfg.model)
+    elif cfg.checkpoint.init_from:
+        label, baseline_src = "base", cfg.checkpoint.init_from
+        baseline = load_weights(cfg.checkpoint.init_from, cfg.checkpoint.init_weights, model_cfg=cfg.model)
+    else:
+        label, baseline_src, baseline = "untrained", None, K2DiT(cfg.model)
+        baseline.init_weights(cfg.seed)
+    before, before_images = run(baseline)
+    after, after_images = run(load_weights(run_dir, which, loras, model_cfg=cfg.model))
+    step_dir = resolve_checkpoint(run_dir)
+    step = int(os.path.basename(step_dir).split("_")[1]) if step_dir else None
+    name = f"step {step}" if step is not None else "trained"
+    if loras:
+        name += " +lora"
 
-    print(f"{run_dir}: step {step} ({'live' if live else 'EMA'} weights), {seeds} seeds per prompt, "
+    print(f"{run_dir}: {name} ({'live' if live else 'EMA'} weights"
+          + "".join(f", lora {p} x{s:g}" for p, s in loras)
+          + f") vs {label}{f' ({baseline_src})' if baseline_src else ''}; {seeds} seeds per prompt, "
           f"{steps} Euler steps, guidance {guidance}")  # fmt: skip
-    print(f"{'prompts':<10} {'model':<10} {'colours':>8} {'shapes':>8} {'relation':>9}")
-    for name in sets:
-        for label, res in (("untrained", before[name]), (f"step {step}", after[name])):
-            r = res
-            print(f"{name:<10} {label:<10} {r['colours']:>8.0%} {r['shapes']:>8.0%} {r['relation']:>9.0%}")
-    images = torch.cat([g[0] for g in grids])
-    captions = [p for g in grids for p in g[1]]
-    Image.fromarray(grid_image(images, captions)).save(os.path.join(run_dir, "eval.png"))
-    report = {"step": step, "weights": "live" if live else "ema", "untrained": before, "trained": after}
+    print(f"{'prompts':<12} {'model':<16} {'colours':>8} {'shapes':>8} {'relation':>9} {'all correct':>12}")
+    for s in sets:
+        for model_name, r in ((label, before[s]), (name, after[s])):
+            print(f"{s:<12} {model_name:<16} {r['colours']:>8.0%} {r['shapes']:>8.0%} {r['relation']:>9.0%} "
+                  f"{r['all_correct']:>12.0%}")
+    rows = [row for s in sets for row in ((f"{s}: {label}", before_images[s], sets[s]),
+                                          (f"{s}: {name}", after_images[s], sets[s]))]
+    Image.fromarray(_grid(rows)).save(os.path.join(run_dir, "eval.png"))
+    report = {"step": step, "weights": which, "loras": [list(x) for x in loras], "baseline": label,
+              "baseline_source": baseline_src, "prompts": sets, label: before, "trained": after}
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"grid: {os.path.join(run_dir, 'eval.png')}")
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--live", action="store_true", help="score the live weights instead of the EMA")
-    a = p.parse_args()
+    p.add_argument("--prompts", default="held-out,training",
+                   help=f"comma-separated prompt sets: {', '.join(PROMPT_SETS)}")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a LoRA run's adapters (repeatable; scale 1 by default)")
+    a = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    evaluate(a.run_dir, a.seeds, a.steps, a.guidance, a.live)
+    evaluate(a.run_dir, a.seeds, a.steps, a.guidance, a.live, [s.strip() for s in a.prompts.split(",") if s.strip()],
+             [parse_lora(x) for x in a.lora])
 
 
 if __name__ == "__main__":

@@ -66,7 +66,18 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         p.requires_grad_(".lora_" in name)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"stage.lora.targets={cfg.targets} matched no module of the model")
+    # With the embeddings frozen, the first block's input would not require grad, and a
+    # compiled activation-checkpointed block whose inputs need no grad is traced in a mode
+    # that refuses it ("does not support RNG ops in recompute regions"). Marking the
+    # block inputs as requiring grad costs one extra input gradient in the first block.
+    model.img_in.register_forward_hook(_require_grad)
     return model
+
+
+def _require_grad(module, args, out):
+    if torch.is_grad_enabled() and not out.requires_grad:
+        out.requires_grad_(True)
+    return out
 
 
 def is_adapter(name: str) -> bool:

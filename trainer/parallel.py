@@ -104,7 +104,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, d: Dist) -> nn.Module:
     """
     for blocks in shardable_blocks(model):
         for i, block in enumerate(blocks):
-            if cfg.activation_checkpoint == "full":
+            # A block with nothing to train (frozen text fusion under LoRA, a frozen model)
+            # keeps no activations for backward, so checkpointing it would only cost time.
+            trains = any(p.requires_grad for p in block.parameters())
+            if cfg.activation_checkpoint == "full" and trains:
                 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
                 block = checkpoint_wrapper(block, preserve_rng_state=False)

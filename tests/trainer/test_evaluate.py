@@ -1,0 +1,160 @@
+"""trainer.evaluate: the all-correct score on drawn images, prompt sets, and which baseline a run is compared with."""
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from data.shapes import BACKGROUNDS, PRETRAIN_COLOURS, Scene, ShapesWorld, parse_caption, scene_to_caption
+from trainer import evaluate as ev
+from trainer.config import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PINK = "a pink circle above a green square"
+
+
+def _pixels(image_HWC: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image_HWC).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _draw(caption: str, seed: int = 0) -> torch.Tensor:
+    return _pixels(ShapesWorld(image_size=32).render(caption, np.random.default_rng(seed)))
+
+
+def test_score_on_drawn_images():
+    right = _draw(PINK)
+    wrong_colour = _draw("a red circle above a green square")
+    wrong_relation = _draw("a pink circle below a green square")
+    wrong_shape = _draw("a pink square above a green square")
+    assert ev.score(right[None], [PINK]) == {"colours": 1.0, "shapes": 1.0, "relation": 1.0, "all_correct": 1.0}
+    assert ev.score(wrong_colour[None], [PINK]) == {"colours": 0.0, "shapes": 0.0, "relation": 0.0,
+                                                    "all_correct": 0.0}
+    assert ev.score(wrong_relation[None], [PINK]) == {"colours": 1.0, "shapes": 1.0, "relation": 0.0,
+                                                      "all_correct": 0.0}
+    batch = torch.stack([right, wrong_colour, wrong_relation, wrong_shape])
+    assert ev.score(batch, [PINK] * 4) == {"colours": 0.75, "shapes": 0.5, "relation": 0.5, "all_correct": 0.25}
+    blank = torch.full((3, 32, 32), BACKGROUNDS["light"][0] / 127.5 - 1.0)
+    assert ev.score(blank[None], ["a red circle"])["all_correct"] == 0.0
+
+
+def test_prompt_sets_and_lora_specs():
+    world = ShapesWorld()
+    assert ev.prompt_sets(["held-out", "training"], world) == {"held-out": world.held_out_prompts(),
+                                                               "training": world.train_prompts_example()}
+    sets = ev.prompt_sets(["concept"], world)
+    assert list(sets) == ["concept", "concept-ref"] and sets["concept"][0] == PINK
+    assert sets["concept-ref"][0] == "a red circle above a green square"
+    with pytest.raises(ValueError, match="pink"):
+        ev.prompt_sets(["pink"], world)
+    assert ev.parse_lora("runs/pink_lora:0.5") == ("runs/pink_lora", 0.5)
+    assert ev.parse_lora("runs/pink_lora") == ("runs/pink_lora", 1.0)
+    assert ev.parse_lora("odd:name") == ("odd:name", 1.0)
+
+
+# ---- evaluate() with stand-in models ---------------------------------------------------------
+# trainer/weights.py's load_weights is replaced by a stub that records what it was asked
+# for and returns models whose "generations" are renders of what they would draw: the
+# scores are then known exactly.
+class _Drawer:
+    """Draws every prompt exactly, except pink, which it does not know unless told."""
+
+    def __init__(self, knows_pink: bool):
+        self.knows_pink = knows_pink
+
+    def draws(self, prompt: str) -> str:
+        scene = parse_caption(prompt)
+        if self.knows_pink or "pink" not in prompt.split():
+            return prompt
+        spare = next(c for c in PRETRAIN_COLOURS if c not in {c for c, _ in scene.objects})
+        return scene_to_caption(Scene(tuple((spare if c == "pink" else c, s) for c, s in scene.objects),
+                                      scene.relation))
+
+
+def _fake_generate(model, encode, decode, prompts, seeds, model_cfg, latent_hw, steps, guidance, device):
+    if not isinstance(model, _Drawer):  # the untrained K2DiT: an empty canvas
+        return torch.full((len(prompts), 3, 32, 32), BACKGROUNDS["dark"][0] / 127.5 - 1.0)
+    return torch.stack([_draw(model.draws(p), s) for p, s in zip(prompts, seeds)])
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    from data.shapes_loader import ensure_tiny_encoder
+
+    return ensure_tiny_encoder(tmp_path_factory.mktemp("enc") / "text_encoder", ShapesWorld().all_captions())
+
+
+def _run_dir(path, encoder_dir, init_from=None, step=7) -> str:
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(os.path.join(ROOT, "configs/model/tiny.yaml")))
+    cfg.data.encoder_path = encoder_dir
+    cfg.checkpoint.init_from = init_from
+    os.makedirs(path / "checkpoints" / f"step_{step:08d}")
+    OmegaConf.save(cfg, path / "config.yaml")
+    return str(path)
+
+
+@pytest.fixture
+def stub_weights(monkeypatch):
+    calls = []
+
+    def load_weights(source, which="ema", loras=(), model_cfg=None):
+        assert model_cfg is not None and model_cfg.name == "tiny"  # the run's network, checked on load
+        calls.append((source, which, tuple(tuple(x) for x in loras)))
+        return _Drawer(knows_pink=source.endswith("sft") or bool(loras))
+
+    monkeypatch.setitem(sys.modules, "trainer.weights", types.SimpleNamespace(load_weights=load_weights))
+    monkeypatch.setattr(ev, "generate", _fake_generate)
+    return calls
+
+
+ALL = {"colours": 1.0, "shapes": 1.0, "relation": 1.0, "all_correct": 1.0}
+NONE = {"colours": 0.0, "shapes": 0.0, "relation": 0.0, "all_correct": 0.0}
+
+
+def test_sft_run_is_compared_with_its_init_model(tmp_path, encoder_dir, stub_weights, capsys):
+    base = str(tmp_path / "base")
+    run = _run_dir(tmp_path / "sft", encoder_dir, init_from=base)
+    report = ev.evaluate(run, seeds=2, steps=1, prompts=["concept", "held-out"])
+    assert stub_weights == [(base, "ema", ()), (run, "ema", ())]  # the init model, then the run
+    assert report["baseline"] == "base" and report["baseline_source"] == base and report["step"] == 7
+    # The base draws another colour for pink: it knows the layouts (concept-ref) but not the word.
+    assert report["base"] == {"concept": NONE, "concept-ref": ALL, "held-out": ALL}
+    assert report["trained"] == {"concept": ALL, "concept-ref": ALL, "held-out": ALL}
+    assert report["prompts"]["concept"][1] == "a blue triangle below a pink circle"
+    with open(os.path.join(run, "eval.json")) as f:
+        assert json.load(f) == report
+    # eval.png: per set a strip of baseline images and one of the scored model's, 8 cells of 128 px
+    # (+ 28 for the caption) under a 16 px label
+    assert Image.open(os.path.join(run, "eval.png")).size == (8 * 128, 3 * 2 * (16 + 128 + 28))
+    out = capsys.readouterr().out
+    assert "all correct" in out
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines() if line.startswith("concept")}
+    assert rows[("concept", "base")] == ["0%", "0%", "0%", "0%"]
+    assert rows[("concept", "step")] == ["7", "100%", "100%", "100%", "100%"]
+
+
+def test_lora_is_scored_against_the_same_weights_without_it(tmp_path, encoder_dir, stub_weights):
+    run = _run_dir(tmp_path / "demo", encoder_dir)
+    ev.main([run, "--seeds", "1", "--steps", "1", "--prompts", "concept", "--lora", "runs/pink_lora:0.5",
+             "--lora", "runs/other"])
+    assert stub_weights == [(run, "ema", ()), (run, "ema", (("runs/pink_lora", 0.5), ("runs/other", 1.0)))]
+    with open(os.path.join(run, "eval.json")) as f:
+        report = json.load(f)
+    assert report["loras"] == [["runs/pink_lora", 0.5], ["runs/other", 1.0]] and report["baseline"] == "base"
+    assert report["base"]["concept"]["all_correct"] == 0.0 and report["trained"]["concept"]["all_correct"] == 1.0
+
+
+def test_pretraining_run_is_compared_with_the_untrained_model(tmp_path, encoder_dir, stub_weights):
+    run = _run_dir(tmp_path / "demo", encoder_dir, step=12)
+    report = ev.evaluate(run, seeds=1, steps=1, live=True)
+    assert stub_weights == [(run, "model", ())]  # the untrained model is built, not loaded
+    assert report["baseline"] == "untrained" and report["weights"] == "model" and report["step"] == 12
+    assert set(report["trained"]) == {"held-out", "training"}  # today's default sets
+    assert report["untrained"] == {"held-out": NONE, "training": {**NONE, "relation": 0.375}}  # 3 one-shape prompts
+    assert report["trained"] == {"held-out": ALL, "training": ALL}
