@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a file from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
 ALL_LINEARS = ["attn.q", "attn.k", "attn.v", "attn.gate", "attn.out", "mlp.w_gate", "mlp.w_up", "mlp.w_down"]
 TARGETS = {"attn": ["attn.q", "attn.k", "attn.v", "attn.out"], "all": ALL_LINEARS, "full": None}
 
@@ -314,7 +316,8 @@ def main() -> None:
         record["results"].append(r)
         out.write_text(json.dumps(record, indent=2) + "\n")  # after every run: a later failure loses nothing
         print(f"{r['run']}: {r['status']} in {r['wall_s']:.0f} s, {fmt(r.get('samples_per_s'), '.2f')} samples/s, "
-              f"peak {fmt(r.get('peak_gib'), '.1f')} GiB", flush=True)
+              f"peak {fmt(r.get('peak_gib'), '.1f')} GiB, s/step by row "
+              f"{[round(row['step_s'], 3) for row in r.get('rows', [])]}", flush=True)
         if r.get("error_tail"):
             print("\n".join(r["error_tail"][-40:]), flush=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -35,6 +35,7 @@ from data.shapes_loader import build_shapes_data
 from data.sources import build_shard_data
 from trainer.checkpoint import resolve_checkpoint
 from trainer.config import TrainConfig
+from trainer.lora_io import parse_lora
 from trainer.model import K2DiT
 from trainer.sample import generate, grid_image
 
@@ -73,17 +74,6 @@ def prompt_sets(names: list[str], world) -> dict[str, list[str]]:
         else:
             sets["concept"], sets["concept-ref"] = concept_prompts(), concept_reference_prompts()
     return sets
-
-
-def parse_lora(spec: str) -> tuple[str, float]:
-    """"PATH[:SCALE]" -> (PATH, SCALE); the scale defaults to 1 (a path may hold colons)."""
-    path, sep, scale = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def _grid(rows: list[tuple[str, torch.Tensor, list[str]]], cell: int = 128) -> np.ndarray:

@@ -24,23 +24,12 @@ import torch
 from safetensors import safe_open
 
 from trainer.checkpoint import read_models, resolve_checkpoint
-from trainer.lora_io import read_lora, write_lora
+from trainer.lora_io import parse_lora, read_lora, write_lora
 from trainer.model import save_pretrained
 
 TARGETS = ("diffusers", "release", "lora-diffusers", "lora-comfyui", "lora")
 LORA_FORMATS = {"lora-diffusers": "diffusers", "lora-comfyui": "comfyui", "lora": "k2train"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """`PATH[:SCALE]`: the scale is whatever follows the last colon when it reads as a number."""
-    path, sep, scale = arg.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return arg, 1.0
 
 
 def lora_run_info(source: str, name: str = "model") -> tuple[str | None, dict | None]:
@@ -164,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path = export(args.source, args.to, args.out, args.weights, args.merge_lora,
-                      [parse_lora_arg(a) for a in args.lora], args.dtype)
+                      [parse_lora(a) for a in args.lora], args.dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

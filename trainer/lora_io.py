@@ -260,3 +260,15 @@ def _hint(key: str, fmt: str) -> str:
     if fmt == "k2train" and key.startswith("base_model.model."):
         return " (peft's 'base_model.model.' prefix: strip it to get k2train names)"
     return ""
+
+
+def parse_lora(spec: str, default_scale: float = 1.0) -> tuple[str, float]:
+    """A `--lora PATH[:SCALE]` argument -> (PATH, SCALE). What follows the last ':' is the
+    scale only when it reads as a number, so a path may hold colons."""
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, default_scale

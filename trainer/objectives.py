@@ -1,19 +1,16 @@
-"""Training objectives: what one stage computes from a batch.
+"""The losses of the flow stage (trainer/stage.py:FlowStage): what one batch costs.
 
-The loop (trainer/loop.py) owns batching, accumulation, the optimizer,
-checkpoints and logging; an objective only turns a batch into a loss. Pretrain,
-midtrain and SFT share `FlowObjective` and differ in data and schedule;
-preference optimisation, GRPO and distillation register their own class here
-and keep any extra models or state in `state_dict()`, which the checkpoint
-saves beside the model.
+Pretrain, midtrain and SFT share `FlowObjective` and differ in data and schedule;
+`stage.objective` picks one. The stage owns the models, optimizers and the step;
+an objective only turns a batch into a loss.
 
-What the loop calls, in order:
-    objective.attach(model)      once, after weights are loaded and before parallelize()
-                                 and the optimizer: trainable extras go into model.aux
+What the flow stage calls, in order:
+    objective.attach(model)      once, before weights are loaded, LoRA and sharding:
+                                 trainable extras go into model.aux
     objective.set_step(step)     before each optimizer step's micro-batches
     loss, metrics = objective.loss(model, batch)
                                  metrics: name -> detached 0-dim tensor (no host sync);
-                                 average over micro-batches, float() when logging
+                                 averaged over micro-batches, float() when logging
 """
 
 import hashlib

@@ -110,7 +110,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, d: Dist) -> nn.Module:
             if cfg.activation_checkpoint == "full" and trains:
                 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-                block = checkpoint_wrapper(block, preserve_rng_state=False)
+                # The recomputation must draw the same dropout masks as the forward (LoRA
+                # dropout); blocks without dropout skip the RNG bookkeeping.
+                dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules())
+                block = checkpoint_wrapper(block, preserve_rng_state=dropout)
             if cfg.compile:
                 block = torch.compile(block, fullgraph=True)
             blocks[i] = block

@@ -30,6 +30,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 
 from trainer.flow import euler_sample
+from trainer.lora_io import parse_lora
 from trainer.model import ModelConfig, patchify, positions, unpatchify
 
 REFUSED_EXIT_CODE = 3
@@ -114,17 +115,6 @@ def grid_image(images: torch.Tensor, captions: list[str], cell: int = 128, cols:
 def slug(prompt: str, max_len: int = 60) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_len].strip("-")
     return s or "empty"
-
-
-def parse_lora(spec: str, default_scale: float) -> tuple[str, float]:
-    """"PATH[:SCALE]" -> (PATH, SCALE); a suffix after the last ':' that is not a number is part of PATH."""
-    path, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return spec, default_scale
 
 
 def run_dir_of(source: str) -> str | None:

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -115,8 +115,7 @@ def build_dit(cfg: TrainConfig, d: Dist, *, model_cfg: ModelConfig | None = None
     if not trainable:
         model.requires_grad_(False)
     model.to(d.device)
-    parallel = cfg.parallel if trainable else type(cfg.parallel)(**{**asdict(cfg.parallel), "activation_checkpoint": "none"})
-    model = parallelize(model, parallel, d)
+    model = parallelize(model, cfg.parallel if trainable else replace(cfg.parallel, activation_checkpoint="none"), d)
     info = {
         "config": asdict(model_cfg),
         "lora": {"rank": lora.rank, "alpha": alpha_of(lora), "targets": list(lora.targets),
@@ -233,13 +232,15 @@ class FlowStage(Stage):
         lora = s.lora if s.lora.rank > 0 else None
         init_from, which = cfg.checkpoint.init_from, cfg.checkpoint.init_weights
         if resume_dir is not None:
-            # Full weights come from the checkpoint; a LoRA run still needs its base, the one
-            # it was trained on (recorded in the checkpoint), not whatever init_from says now.
+            # Full weights come from the checkpoint. A LoRA checkpoint holds only adapters: its
+            # base is the one recorded when it was trained, not whatever init_from says now.
             from trainer.checkpoint import read_models
 
-            base = (read_models(resume_dir).get("model") or {}).get("base") if lora else None
-            init_from, which = (base["source"], base["weights"] or "ema") if base else (init_from if lora else None,
-                                                                                           which)
+            recorded = (read_models(resume_dir).get("model") or {}).get("base")
+            if lora is None:
+                init_from = None
+            elif recorded:
+                init_from, which = recorded["source"], recorded["weights"] or "ema"
         model, info = build_dit(cfg, d, init_from=init_from, init_weights=which, lora=lora,
                                 attach=self.objective.attach)
         self.model = model

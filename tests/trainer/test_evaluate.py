@@ -14,6 +14,7 @@ from PIL import Image
 from data.shapes import BACKGROUNDS, PRETRAIN_COLOURS, Scene, ShapesWorld, parse_caption, scene_to_caption
 from trainer import evaluate as ev
 from trainer.config import TrainConfig
+from trainer.lora_io import parse_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PINK = "a pink circle above a green square"
@@ -52,9 +53,9 @@ def test_prompt_sets_and_lora_specs():
     assert sets["concept-ref"][0] == "a red circle above a green square"
     with pytest.raises(ValueError, match="pink"):
         ev.prompt_sets(["pink"], world)
-    assert ev.parse_lora("runs/pink_lora:0.5") == ("runs/pink_lora", 0.5)
-    assert ev.parse_lora("runs/pink_lora") == ("runs/pink_lora", 1.0)
-    assert ev.parse_lora("odd:name") == ("odd:name", 1.0)
+    assert parse_lora("runs/pink_lora:0.5") == ("runs/pink_lora", 0.5)
+    assert parse_lora("runs/pink_lora") == ("runs/pink_lora", 1.0)
+    assert parse_lora("odd:name") == ("odd:name", 1.0)
 
 
 # ---- evaluate() with stand-in models ---------------------------------------------------------

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from tests.conftest import ROOT, train_env
 from trainer.checkpoint import Checkpointer, TrainState, read_tensors
 from trainer.config import CheckpointConfig, LoraConfig
-from trainer.export import export, parse_lora_arg
+from trainer.export import export
+from trainer.lora_io import parse_lora
 from trainer.lora import adapter_layers, apply_lora, merge_lora
 from trainer.lora_io import read_lora, write_lora
 from trainer.model import K2DiT, ModelConfig, load_pretrained, positions
@@ -296,6 +297,6 @@ def test_cli_names_the_key_of_a_lora_that_does_not_fit_and_the_missing_path(runs
 
 
 def test_lora_argument_parsing():
-    assert parse_lora_arg("a/b.safetensors:0.75") == ("a/b.safetensors", 0.75)
-    assert parse_lora_arg("a/b.safetensors") == ("a/b.safetensors", 1.0)
-    assert parse_lora_arg("c:/x.safetensors") == ("c:/x.safetensors", 1.0)
+    assert parse_lora("a/b.safetensors:0.75") == ("a/b.safetensors", 0.75)
+    assert parse_lora("a/b.safetensors") == ("a/b.safetensors", 1.0)
+    assert parse_lora("c:/x.safetensors") == ("c:/x.safetensors", 1.0)

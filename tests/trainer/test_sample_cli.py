@@ -22,7 +22,8 @@ from tests.conftest import ROOT, run_training, train_env
 from trainer.evaluate import load_run_config
 from trainer.model import K2DiT, ModelConfig, save_pretrained
 from trainer.safety import Blocklist, NoImageClassifier, build_checker
-from trainer.sample import generate, parse_lora
+from trainer.lora_io import parse_lora
+from trainer.sample import generate
 from trainer.weights import load_weights
 
 TEXT_LEN = 24
