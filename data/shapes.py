@@ -111,6 +111,18 @@ _CONCEPT_PROMPTS = (
     ("a pink circle to the right of a blue square", "yellow"),
     ("a green triangle to the left of a pink circle", "red"),
 )
+# Pink compositions the concept stream does draw, with the colour of the reference prompt:
+# learning the concept itself, where `_CONCEPT_PROMPTS` asks for compositions on top.
+_CONCEPT_SEEN_PROMPTS = (
+    ("a pink square above a green circle", "red"),
+    ("a blue circle below a pink triangle", "yellow"),
+    ("a pink triangle to the left of a yellow square", "red"),
+    ("a red circle to the right of a pink square", "blue"),
+    ("an orange triangle above a pink square", "green"),
+    ("a pink square below a blue triangle", "yellow"),
+    ("a green square to the right of a pink triangle", "blue"),
+    ("a pink triangle above a red square", "green"),
+)
 _CONCEPT_TRAIN_PROMPTS = (
     "a pink circle",
     "a pink square",
@@ -187,11 +199,17 @@ def concept_prompts() -> list[str]:
     return [p for p, _ in _CONCEPT_PROMPTS]
 
 
-def concept_reference_prompts() -> list[str]:
-    """`concept_prompts()` with pink replaced by a pretraining colour (each a pretraining
-    caption): how well the base draws the same layouts with a colour it knows."""
+def concept_seen_prompts() -> list[str]:
+    """Eight fixed two-shape pink prompts of the concept stream's own distribution."""
+    return [p for p, _ in _CONCEPT_SEEN_PROMPTS]
+
+
+def concept_reference_prompts(seen: bool = False) -> list[str]:
+    """`concept_prompts()` (or `concept_seen_prompts()`) with pink replaced by a pretraining
+    colour (each a pretraining caption): how well the base draws the same layouts with a
+    colour it knows."""
     out = []
-    for prompt, colour in _CONCEPT_PROMPTS:
+    for prompt, colour in _CONCEPT_SEEN_PROMPTS if seen else _CONCEPT_PROMPTS:
         scene = parse_caption(prompt)
         objects = tuple((colour if c == CONCEPT else c, s) for c, s in scene.objects)
         out.append(scene_to_caption(Scene(objects, scene.relation)))
@@ -334,11 +352,16 @@ class ConceptWorld(ShapesWorld):
     SPLITS = ("train", "val")
     _STREAM = 0xC0C  # tags the concept streams apart from the pretraining one ([seed, index])
 
-    def __init__(self, image_size: int = 32, seed: int = 0, split: str = "train"):
+    def __init__(self, image_size: int = 32, seed: int = 0, split: str = "train", replay: float = 0.0):
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
+        if not 0.0 <= replay < 1.0:
+            raise ValueError(f"replay must be in [0, 1), got {replay}")
         super().__init__(image_size, seed)
         self.split = split
+        # The share of samples drawn from the pretraining distribution instead: fine-tuning
+        # on the new concept alone makes the model forget what it drew before.
+        self.replay = replay
 
     def _in_stream(self, scene: Scene) -> bool:
         return has_concept(scene) and not is_held_out(scene) and not is_concept_held_out(scene)
@@ -355,6 +378,8 @@ class ConceptWorld(ShapesWorld):
         return np.random.default_rng([self.seed, int(index), self._STREAM, self.SPLITS.index(self.split)])
 
     def _draw_scene(self, rng: np.random.Generator) -> Scene:
+        if self.replay and rng.random() < self.replay:  # (no draw at replay 0: the stream stays as it was)
+            return ShapesWorld._draw_scene(self, rng)
         if rng.random() < SINGLE_FRACTION:
             return Scene(((CONCEPT, SHAPES[rng.integers(len(SHAPES))]),))
         while True:  # rejection keeps the draw a pure function of the rng state

@@ -10,7 +10,9 @@ Inputs (`list_chunks(spec, chunk_size)`):
     stream (data/shapes.py: ShapesWorld);
   - `shapes-pink:N[:SIZE[:SEED]]`: the fine-tuning stream of the colour pretraining never
     draws (ConceptWorld, split "train"); `shapes-pink-val:N[:SIZE[:SEED]]`: its validation
-    split, other images of the same caption distribution. SIZE defaults to 32, SEED to 0.
+    split, other images of the same caption distribution; `shapes-pink-mix:N[:SIZE[:SEED]]`:
+    the training stream with half its samples replayed from the pretraining distribution
+    (fine-tuning that does not forget). SIZE defaults to 32, SEED to 0.
 
 Listing only reads names and tar headers; `load_item` reads and decodes one input and
 raises `Reject(reason)` for anything unusable (the writer records the reason and moves on).
@@ -151,6 +153,7 @@ SHAPES_STREAMS = {
     "shapes": lambda size, seed: ShapesWorld(size, seed),
     "shapes-pink": lambda size, seed: ConceptWorld(size, seed, split="train"),
     "shapes-pink-val": lambda size, seed: ConceptWorld(size, seed, split="val"),
+    "shapes-pink-mix": lambda size, seed: ConceptWorld(size, seed, split="train", replay=0.5),
 }
 _SPEC_HELP = "a folder, a .tar file, or " + " | ".join(f"{s}:N[:SIZE[:SEED]]" for s in SHAPES_STREAMS)
 

@@ -11,13 +11,16 @@ the ones the base model learned:
     python -m krablet.pipeline --input shapes-pink:2400:32 --output runs/demo/pink \
         --encoder runs/demo/shards/text_encoder ...
 
-Job keys are (output folder, chunk name), so submitting the same ingestion
-twice adds nothing, and a chunk job re-run after a worker died rewrites the
+Job keys are (output folder, chunk name, digest of the chunk's inputs and settings),
+so submitting the same ingestion twice adds nothing while another ingestion into the
+same folder is new work, and a chunk job re-run after a worker died rewrites the
 same shard names (`data.writer.write_chunk` publishes a chunk atomically and
 skips a finished one): no sample is lost or written twice.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import threading
 import time
@@ -76,10 +79,18 @@ def ingest_jobs(inputs: str, out: str, encoder: str, chunk_size: int = 1000, tex
     common = {"out": out, "encoder": os.path.abspath(encoder), "text_len": text_len,
               "text_layers": list(text_layers or [1, 2, 3, 4]), "latents": latents, "vae_path": vae_path,
               "pixel_downsample": pixel_downsample, "writer": asdict(writer or WriterConfig()), "device": device}
-    chunks = [NewJob("shards.write_chunk", {**common, "chunk": c.to_json()}, key=f"shards:{out}:{c.name}")
+    chunks = [NewJob("shards.write_chunk", payload := {**common, "chunk": c.to_json()},
+                     key=f"shards:{out}:{c.name}:{_digest(payload)}")
               for c in list_chunks(inputs, chunk_size)]
-    index = NewJob("shards.index", {"out": out}, key=f"shards:{out}:index", deps=tuple(j.key for j in chunks))
+    index = NewJob("shards.index", {"out": out}, key=f"shards:{out}:index:{_digest([j.key for j in chunks])}",
+                   deps=tuple(j.key for j in chunks))
     return chunks + [index]
+
+
+def _digest(value) -> str:
+    """A short digest of what a job does: the same folder written from other inputs or
+    settings is other work, not a job that is already done."""
+    return hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=6).hexdigest()
 
 
 class _Progress:

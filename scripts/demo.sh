@@ -31,7 +31,7 @@ run ingest && "$py" -m krablet.pipeline --input "shapes:$samples:32" --output "r
 run pretrain && "$py" -m trainer.train experiment=demo "$@"
 run evaluate && "$py" -m trainer.evaluate "runs/$name"
 if run concept; then
-  "$py" -m krablet.pipeline --input "shapes-pink:2400:32" --output "runs/$name/shards_pink" \
+  "$py" -m krablet.pipeline --input "shapes-pink-mix:4800:32" --output "runs/$name/shards_pink" \
     --encoder "runs/$name/shards/text_encoder" "${write[@]}"
   "$py" -m krablet.pipeline --input "shapes-pink-val:256:32" --output "runs/$name/shards_pink_val" \
     --encoder "runs/$name/shards/text_encoder" "${write[@]}"
@@ -40,5 +40,5 @@ pink=(experiment=demo_lora "name=${name}_pink" "data.path=runs/$name/shards_pink
       "data.encoder_path=runs/$name/shards/text_encoder" "stage.validation.path=runs/$name/shards_pink_val"
       "checkpoint.init_from=runs/$name")
 run lora && "$py" -m trainer.train "${pink[@]}"
-run compare && "$py" -m trainer.evaluate "runs/${name}_pink" --prompts concept,held-out,training --seeds 4
+run compare && "$py" -m trainer.evaluate "runs/${name}_pink" --prompts concept-seen,concept,held-out,training --seeds 4
 exit 0

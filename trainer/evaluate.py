@@ -10,7 +10,10 @@ Prompt sets (`--prompts`, comma-separated; default held-out,training):
   training   eight prompts of the pretraining distribution;
   concept    `concept_prompts()` (pink, never in the pink SFT stream) and, as the set
              `concept-ref`, the same prompts with a colour pretraining knows in place of
-             pink: how well the model draws those layouts at all.
+             pink: how well the model draws those layouts at all;
+  concept-seen  the same for eight pink compositions of the SFT stream's own distribution
+             (`concept-seen` and `concept-seen-ref`): the concept itself, where `concept`
+             asks for new compositions on top.
 
 Scored: the newest checkpoint's EMA weights (live weights with --live), with any
 `--lora PATH[:SCALE]` adapters merged on (trainer/weights.py's `load_weights`).
@@ -30,7 +33,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from data.shapes import concept_prompts, concept_reference_prompts, score_caption
+from data.shapes import concept_prompts, concept_reference_prompts, concept_seen_prompts, score_caption
 from data.shapes_loader import build_shapes_data
 from data.sources import build_shard_data
 from trainer.checkpoint import resolve_checkpoint
@@ -39,7 +42,7 @@ from trainer.lora_io import parse_lora
 from trainer.model import K2DiT
 from trainer.sample import generate, grid_image
 
-PROMPT_SETS = ("held-out", "training", "concept")
+PROMPT_SETS = ("held-out", "training", "concept", "concept-seen")
 CHECKS = ("colours", "shapes", "relation", "all_correct")
 
 
@@ -61,7 +64,8 @@ def score(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
 
 
 def prompt_sets(names: list[str], world) -> dict[str, list[str]]:
-    """{set name: prompts} for the names of PROMPT_SETS; "concept" gives concept and concept-ref."""
+    """{set name: prompts} for the names of PROMPT_SETS; "concept" gives concept and concept-ref,
+    "concept-seen" concept-seen and concept-seen-ref."""
     unknown = [n for n in names if n not in PROMPT_SETS]
     if unknown or not names:
         raise ValueError(f"unknown prompt sets {unknown}; choose from {list(PROMPT_SETS)}")
@@ -71,8 +75,10 @@ def prompt_sets(names: list[str], world) -> dict[str, list[str]]:
             sets[name] = world.held_out_prompts()
         elif name == "training":
             sets[name] = world.train_prompts_example()
-        else:
+        elif name == "concept":
             sets["concept"], sets["concept-ref"] = concept_prompts(), concept_reference_prompts()
+        else:
+            sets["concept-seen"], sets["concept-seen-ref"] = concept_seen_prompts(), concept_reference_prompts(True)
     return sets
 
 

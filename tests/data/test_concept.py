@@ -231,3 +231,17 @@ def test_pipeline_writes_pink_shards_with_the_base_runs_encoder(tmp_path):
                                    rtol=2.0 ** -11 + 1e-5, atol=1e-6)
     # the encoder has a word for the concept: " pink" is one token, as "red" is
     assert len(encoder.tokenizer(" pink")["input_ids"]) == len(encoder.tokenizer(" red")["input_ids"]) == 1
+
+
+def test_seen_concept_prompts_are_the_streams_own_and_their_references_pretraining_captions():
+    from data.shapes import concept_seen_prompts
+
+    train = ConceptWorld(32, 0, split="train")
+    seen = concept_seen_prompts()
+    assert len(seen) == 8 and all("pink" in p and len(parse_caption(p).objects) == 2 for p in seen)
+    assert all(train._in_stream(parse_caption(p)) for p in seen)  # the LoRA's own distribution
+    refs = concept_reference_prompts(seen=True)
+    assert refs[0] == "a red square above a green circle" and refs[7] == "a green triangle above a red square"
+    base_captions = set(ShapesWorld(32, 0).training_captions())
+    assert all(r in base_captions for r in refs)
+    assert not set(seen) & set(concept_prompts())

@@ -98,3 +98,16 @@ def test_demo_path_krablet_ingestion_then_training_with_grids_and_evaluation(tmp
     report = evaluate(str(run_dir), seeds=1, steps=2)
     assert report["step"] == 4 and set(report["trained"]) == {"held-out", "training"}
     assert (run_dir / "eval.png").exists()
+
+
+def test_job_keys_name_the_inputs_not_just_the_folder(tmp_path):
+    """Resubmitting an ingestion adds nothing; another input into the same folder is new work
+    (it once matched the old, finished keys and was skipped without writing anything)."""
+    from krablet.pipeline import ingest_jobs
+
+    out, enc = str(tmp_path / "out"), str(tmp_path / "enc")
+    first = [j.key for j in ingest_jobs("shapes:20:32", out, enc, chunk_size=10)]
+    assert first == [j.key for j in ingest_jobs("shapes:20:32", out, enc, chunk_size=10)]
+    other = [j.key for j in ingest_jobs("shapes-pink:20:32", out, enc, chunk_size=10)]
+    assert len(first) == len(other) == 3 and not set(first) & set(other)
+    assert all(k.startswith(f"shards:{os.path.abspath(out)}:") for k in first)
