@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA run's adapters (repeatable; scale 1 by default)")
     a = p.parse_args(argv)
-    torch.set_grad_enabled(False)
-    evaluate(a.run_dir, a.seeds, a.steps, a.guidance, a.live, [s.strip() for s in a.prompts.split(",") if s.strip()],
-             [parse_lora(x) for x in a.lora])
+    with torch.no_grad():  # not a global switch: main() is also called in-process
+        evaluate(a.run_dir, a.seeds, a.steps, a.guidance, a.live,
+                 [s.strip() for s in a.prompts.split(",") if s.strip()], [parse_lora(x) for x in a.lora])
 
 
 if __name__ == "__main__":

@@ -358,9 +358,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        code = sample(a)
+        with torch.no_grad():  # not a global switch: main() is also called in-process
+            code = sample(a)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     sys.exit(code)

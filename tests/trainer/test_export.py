@@ -20,12 +20,13 @@ from safetensors.torch import save_file
 from tests.conftest import ROOT, train_env
 from trainer.checkpoint import Checkpointer, TrainState, read_tensors
 from trainer.config import CheckpointConfig, LoraConfig
+from tests.trainer.test_interop import inputs
 from trainer.export import export
 from trainer.lora_io import parse_lora
 from trainer.lora import adapter_layers, apply_lora, merge_lora
 from trainer.lora_io import read_lora, write_lora
-from trainer.model import K2DiT, ModelConfig, load_pretrained, positions
-from trainer.model.interop import config_to_diffusers, to_release_state_dict
+from trainer.model import K2DiT, ModelConfig, load_pretrained
+from trainer.model.interop import to_release_state_dict
 from trainer.optim import EMA
 from trainer.parallel import Dist
 from trainer.weights import lora_adapters, load_weights
@@ -90,16 +91,6 @@ def runs(tmp_path_factory):
     lora_step = save_checkpoint(str(root / "lora"), model, lora_info, seed=3)
     return SimpleNamespace(root=root, cfg=cfg, base=str(root / "base"), base_step=base_step,
                            lora=str(root / "lora"), lora_step=lora_step)
-
-
-def inputs(cfg: ModelConfig, B=2, T=6, h=4, w=4):
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(B, h * w, cfg.in_channels, generator=gen)
-    text = torch.randn(B, T, cfg.num_text_layers, cfg.text_dim, generator=gen)
-    t = torch.rand(B, generator=gen)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, 3:] = False
-    return x, text, t, positions(T, h, w), mask
 
 
 def reference_merged(runs, which="ema") -> K2DiT:

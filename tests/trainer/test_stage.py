@@ -1,6 +1,5 @@
 """The Stage API in the configuration users run: several models, AC + compile, LoRA."""
 
-import json
 import os
 import subprocess
 
@@ -9,10 +8,11 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, assert_bitwise_equal, final_state, run_training, train_cmd, train_env
+from tests.trainer.test_interop import inputs as interop_inputs
 from tests.trainer.test_resume import kill_when
 from trainer.checkpoint import list_checkpoints, read_models, read_tensors
 from trainer.config import OptimizerConfig, ParallelConfig
-from trainer.model import K2DiT, ModelConfig, clean_name, positions
+from trainer.model import K2DiT, ModelConfig, clean_name
 from trainer.optim import build_optimizer
 from trainer.parallel import Dist, parallelize
 
@@ -36,13 +36,6 @@ def test_decayed_parameters_are_the_same_with_ac_and_compile():
     assert not any(n.endswith(".mod") for n in plain)
     for ac, comp in (("full", False), ("none", True), ("full", True)):
         assert decayed_names(ParallelConfig(activation_checkpoint=ac, compile=comp)) == plain, (ac, comp)
-
-
-def tiny_inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 16, TINY.in_channels, generator=g)
-    text = torch.randn(2, 5, TINY.num_text_layers, TINY.text_dim, generator=g)
-    return x, text, torch.tensor([0.3, 0.8]), positions(5, 4, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +108,7 @@ def test_lora_on_a_checkpoint_computes_what_the_merged_model_computes(lora_run, 
     assert own.keys() == base_ema.keys()
     assert all(torch.equal(own[n], base_ema[n]) for n in own)
     merged = load_weights(lora_run, "model")  # base + B A at alpha / rank, a plain K2DiT
-    inputs = tiny_inputs()
+    inputs = interop_inputs(TINY)
     live.eval()
     with torch.no_grad():
         a, b = live(*inputs), merged(*inputs)
@@ -172,3 +165,19 @@ def test_a_run_of_non_finite_steps_fails_with_the_step_and_what_to_try(run_root)
     with open(os.path.join(run_root, "nan", "train.log")) as f:
         log = f.read()
     assert log.count("update skipped") == 3 and "failed: step 6" in log
+
+
+def test_lora_run_killed_and_restarted_is_bitwise_equal(base_run, run_root):
+    """A LoRA run resumes exactly: its base is reloaded from the checkpoint's record, the
+    adapters, their optimizer and EMA from the checkpoint."""
+    from tests.conftest import last_logged_step
+
+    common = ["experiment=test_tiny", f"run_root={run_root}", "stage=sft", "stage.steps=8", "stage.lora.rank=4",
+              "stage.ema_decay=0.5", "optimizer.lr=1e-2", f"checkpoint.init_from={base_run}"]
+    run_training(*common, "name=straight")
+    args = [*common, "name=killed"]
+    kill_when(args, os.path.join(run_root, "killed"), lambda d: last_logged_step(d) >= 4)
+    run_training(*args)
+    straight, resumed = (final_state(os.path.join(run_root, n)) for n in ("straight", "killed"))
+    assert set(straight["model"]) == {k for k in straight["model"] if ".lora_" in k}  # adapters only
+    assert_bitwise_equal(straight, resumed)
