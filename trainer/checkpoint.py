@@ -187,6 +187,11 @@ class Checkpointer:
         with open(os.path.join(path, "train_state.json")) as f:
             state = TrainState(**json.load(f))
         sd = self._tensors(trainables, {k: make() for k, make in extra.items()})
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        for name, t in trainables.items():
+            if t.ema is not None:
+                ema = part_keys(name)[2]
+                sd[ema] = _as_saved(sd[ema], ema, saved)
         dcp.load(sd, checkpoint_id=path)
         for name, t in trainables.items():
             weights, optim, ema = part_keys(name)
@@ -194,12 +199,20 @@ class Checkpointer:
             if t.optimizer is not None:
                 set_optimizer_state_dict(t.module, t.optimizer, sd[optim])
             if t.ema is not None:
-                t.ema.load_state_dict(sd[ema])
+                t.ema.load_state_dict({clean_name(k): v for k, v in sd[ema].items()})
         rank_file = os.path.join(path, f"rank_{self.d.rank:05d}.pt")
         if os.path.exists(rank_file) and state.world_size == self.d.world_size:
             set_rng_state(torch.load(rank_file, weights_only=False))
         log.info("resumed from %s (step %d)", path, state.step)
         return state, {k: sd[k] for k in extra}
+
+
+def _as_saved(part: dict, prefix: str, saved: dict) -> dict:
+    """`part` (clean names) keyed as the checkpoint stored them: checkpoints written before
+    names were cleaned hold EMA keys with wrapper segments (`blocks.0._orig_mod.…`)."""
+    head = prefix + "."
+    by_clean = {clean_name(k[len(head):]): k[len(head):] for k in saved if k.startswith(head)}
+    return {by_clean.get(k, k): v for k, v in part.items()}
 
 
 # Trainable parameters only: a LoRA run saves its adapters, not another copy of the base.

@@ -181,3 +181,29 @@ def test_lora_run_killed_and_restarted_is_bitwise_equal(base_run, run_root):
     straight, resumed = (final_state(os.path.join(run_root, n)) for n in ("straight", "killed"))
     assert set(straight["model"]) == {k for k in straight["model"] if ".lora_" in k}  # adapters only
     assert_bitwise_equal(straight, resumed)
+
+
+def test_a_run_whose_ema_was_saved_under_wrapper_names_still_resumes(tmp_path):
+    """Checkpoints written before names were cleaned (AC/compile runs) keep their EMA keys
+    with wrapper segments; a resume maps them onto the model's own names."""
+    from trainer.checkpoint import Checkpointer, TrainState
+    from trainer.config import CheckpointConfig, TrainConfig
+    from trainer.stage import Trainable
+
+    cfg = TrainConfig(model=TINY)
+    model = K2DiT(TINY)
+    model.init_weights(0)
+    old = Trainable.create(model, cfg, {})
+    for s in old.ema.shadow:
+        s.add_(torch.randn_like(s))
+    old.ema.names = [n.replace("blocks.0.", "blocks.0._checkpoint_wrapped_module.") for n in old.ema.names]
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig(), SINGLE)
+    ckpt.save(TrainState(step=1), {"model": old}, {}, {})
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(ckpt.path(1)).read_metadata().state_dict_metadata
+    assert any(k.startswith("ema.blocks.0._checkpoint_wrapped_module.") for k in saved)  # as the old runs
+
+    fresh = Trainable.create(K2DiT(TINY), cfg, {})
+    ckpt.load(1, {"model": fresh}, {})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.ema.shadow, old.ema.shadow))
