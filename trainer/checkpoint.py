@@ -13,14 +13,24 @@ instant leaves either the previous checkpoint or the new one, never half of
 one. Model and optimizer state go through torch.distributed.checkpoint (DCP)
 with fully-qualified parameter names, so a checkpoint written by N ranks loads
 on M ranks.
+
+Damage is detected, never trained on. Before the rename, every file is fsynced and
+`checksums.json` records each file's size and block hashes (trainer/checksums.py). A
+restart verifies the newest checkpoint before it loads anything; one that fails (a file
+missing, truncated or changed in place, a file that does not parse, non-finite values)
+is named with its bad files in the log, moved to checkpoints/damaged/ (never deleted),
+and the next older one is tried. keep-last-k counts only complete checkpoints in
+checkpoints/, so it never deletes the last one that verified in favour of a damaged one.
 """
 
+import io
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -38,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainer import checksums
 from trainer.config import CheckpointConfig
 from trainer.model import clean_name
 from trainer.parallel import Dist
@@ -47,6 +59,15 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MODELS_FILE = "models.json"
+DAMAGED = "damaged"  # checkpoints that failed verification, kept for inspection
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: which folder, which files, why."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path, self.problems = path, problems
+        super().__init__(f"{path}: " + "; ".join(problems))
 
 
 @dataclass
@@ -57,6 +78,9 @@ class TrainState:
     samples_seen: int = 0
     loader: dict = field(default_factory=dict)
     world_size: int = 1
+    # Written with checksums.json (False in checkpoints from before checksums): a checkpoint
+    # that says so but has none lost it, and is not trusted.
+    checksummed: bool = False
 
 
 def rng_state() -> dict:
@@ -141,12 +165,13 @@ class Checkpointer:
         if self.d.is_main:
             os.makedirs(partial, exist_ok=True)
         self.d.barrier()
-        torch.save(rng_state(), os.path.join(partial, f"rank_{self.d.rank:05d}.pt"))
+        buf = io.BytesIO()
+        torch.save(rng_state(), buf)
+        checksums.write_synced(os.path.join(partial, f"rank_{self.d.rank:05d}.pt"), buf.getvalue())
         if self.d.is_main:
-            with open(os.path.join(partial, "train_state.json"), "w") as f:
-                json.dump(state.__dict__, f)
-            with open(os.path.join(partial, MODELS_FILE), "w") as f:
-                json.dump(models, f, indent=1)
+            state.checksummed = True
+            checksums.write_synced(os.path.join(partial, "train_state.json"), json.dumps(state.__dict__).encode())
+            checksums.write_synced(os.path.join(partial, MODELS_FILE), json.dumps(models, indent=1).encode())
         sd = self._tensors(trainables, extra)
         if self.cfg.async_save:
             fut = dcp.async_save(sd, checkpoint_id=partial, process_group=self.process_group)
@@ -170,20 +195,64 @@ class Checkpointer:
 
     def _publish(self, partial: str, final: str) -> None:
         self.d.barrier()
+        t0 = time.perf_counter()
+        checksums.record(partial, self.d.rank, self.d.world_size)  # DCP fsyncs its own files
         if self.d.is_main:
             _fsync_dir(partial)
             os.rename(partial, final)
             _fsync_dir(self.folder)
             for step in list_checkpoints(self.folder)[: -self.cfg.keep]:
                 shutil.rmtree(self.path(step), ignore_errors=True)
-            log.info("checkpoint saved: %s", final)
+            log.info("checkpoint saved: %s (checksums %.1f s)", final, time.perf_counter() - t0)
         self.d.barrier()
+
+    def problems(self, step: int) -> list[str]:
+        """Why checkpoint `step` cannot be trusted, file by file (empty: it verified).
+        All ranks call this together and get the same answer."""
+        path = self.path(step)
+        try:
+            found = checksums.verify(path, self.d.rank, self.d.world_size)
+        except checksums.ChecksumError as e:
+            found = [str(e)]
+        return self.d.from_main(found + _readable(path) if self.d.is_main else None)
+
+    def set_aside(self, step: int, problems: list[str]) -> str:
+        """Moves a damaged checkpoint to checkpoints/damaged/ with a note of what is wrong."""
+        src = self.path(step)
+        dst = os.path.join(self.folder, DAMAGED, f"{os.path.basename(src)}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if self.d.is_main:
+            log.error("checkpoint %s is damaged and will not be loaded:\n  %s\nmoved to %s", src,
+                      "\n  ".join(problems), dst)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)
+            with open(os.path.join(dst, "DAMAGED.txt"), "w") as f:
+                f.write("".join(p + "\n" for p in problems))
+            _fsync_dir(self.folder)
+        self.d.barrier()
+        return dst
+
+    def newest_good(self) -> int | None:
+        """The newest checkpoint that verifies; damaged ones on the way are set aside."""
+        for step in reversed(list_checkpoints(self.folder)):
+            found = self.problems(step)
+            if not found:
+                return step
+            self.set_aside(step, found)
+        return None
 
     def load(self, step: int, trainables: dict, extra: dict[str, Callable[[], dict]]) -> tuple[TrainState, dict]:
         """Restores every trainable (weights, optimizer, EMA) in place; returns the train
         state and the loaded stage tensors. `extra` maps a name to a function giving a
         template dict (same keys and shapes as saved), which DCP fills in."""
         path = self.path(step)
+        try:
+            return self._load(path, trainables, extra)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # a damaged file that had no checksum to catch it
+            raise CheckpointError(path, [f"loading failed: {_first_line(e)}"]) from e
+
+    def _load(self, path: str, trainables: dict, extra: dict[str, Callable[[], dict]]) -> tuple[TrainState, dict]:
         with open(os.path.join(path, "train_state.json")) as f:
             state = TrainState(**json.load(f))
         sd = self._tensors(trainables, {k: make() for k, make in extra.items()})
@@ -201,7 +270,9 @@ class Checkpointer:
             if t.ema is not None:
                 t.ema.load_state_dict({clean_name(k): v for k, v in sd[ema].items()})
         rank_file = os.path.join(path, f"rank_{self.d.rank:05d}.pt")
-        if os.path.exists(rank_file) and state.world_size == self.d.world_size:
+        if state.world_size == self.d.world_size:
+            if not os.path.exists(rank_file):
+                raise CheckpointError(path, [f"{os.path.basename(rank_file)}: missing (this rank's RNG state)"])
             set_rng_state(torch.load(rank_file, weights_only=False))
         log.info("resumed from %s (step %d)", path, state.step)
         return state, {k: sd[k] for k in extra}
@@ -229,6 +300,38 @@ def load_model_state_dict(module: torch.nn.Module, sd: dict[str, torch.Tensor]) 
     by_clean = {clean_name(k): k for k in own}
     set_model_state_dict(module, {by_clean[k]: v for k, v in sd.items()},
                          options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception in one line; DCP's CheckpointException wraps each rank's (e.g. EOFError)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        rank, inner = next(iter(failures.items()))
+        inner = inner[0] if isinstance(inner, tuple) else inner  # (exception, traceback)
+        return f"rank {rank}: {type(inner).__name__}: {inner}".rstrip(": ")
+    return f"{type(e).__name__}: {e}".rstrip(": ")
+
+
+def _readable(path: str) -> list[str]:
+    """The files every checkpoint needs, parsed (what a checkpoint without checksums can be
+    checked for before loading); problems one per line."""
+    try:
+        with open(os.path.join(path, "train_state.json")) as f:
+            state = TrainState(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        return [f"train_state.json: {type(e).__name__}: {e}"]
+    found = []
+    if state.checksummed and not os.path.exists(os.path.join(path, checksums.MANIFEST)):
+        found.append(f"{checksums.MANIFEST}: missing, though train_state.json says it was written")
+    try:
+        dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:
+        found.append(f".metadata: {type(e).__name__}: {e}")
+    try:
+        read_models(path)
+    except (OSError, ValueError) as e:
+        found.append(f"{MODELS_FILE}: {type(e).__name__}: {e}")
+    return found
 
 
 def _fsync_dir(path: str) -> None:

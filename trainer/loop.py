@@ -13,7 +13,7 @@ from PIL import Image
 
 from data.shapes_loader import ShapesData
 from data.sources import build_data
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpoint import CheckpointError, Checkpointer, TrainState
 from trainer.config import TrainConfig
 from trainer.metrics import MetricsLogger
 from trainer.model import flops_per_sample
@@ -40,7 +40,19 @@ class Run:
 
 
 class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite gradient norm."""
+    """Too many optimizer steps in a row had a non-finite gradient norm, or the weights,
+    optimizer state or EMA hold a NaN or inf."""
+
+
+def check_finite(run: Run) -> None:
+    """Stops the run before a non-finite state is checkpointed or trained on further."""
+    bad = run.stage.nonfinite()
+    if bad:
+        last = run.ckpt.latest()
+        raise NonFiniteError(
+            f"step {run.state.step}: non-finite values in {len(bad)} tensors, e.g. {', '.join(bad[:5])}; "
+            f"this state is not checkpointed ({'the checkpoint of step %d is intact' % last if last else 'no checkpoint yet'}). "
+            f"Try a lower optimizer.lr, more optimizer.warmup_steps, optimizer.grad_clip or optimizer.eps")
 
 
 def setup_logging(run_dir: str, is_main: bool) -> None:
@@ -85,16 +97,8 @@ def setup(cfg: TrainConfig) -> Run:
         )
 
     ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint, d)
-    latest = ckpt.latest()
-    stage = build_stage(cfg, d, data, ckpt.path(latest) if latest is not None else None)
+    stage, state = resume(cfg, d, data, ckpt)
     log.info("stage %s (%s) on world size %d, %s", cfg.stage.name, cfg.stage.kind, d.world_size, d.device)
-
-    state = TrainState(world_size=d.world_size)
-    if latest is not None:
-        state, loaded = ckpt.load(latest, stage.trainables, {"stage": stage.state_dict})
-        stage.load_state_dict(loaded["stage"])
-        data.loader.load_state_dict(state.loader)
-        state.world_size = d.world_size
 
     tokens = cfg.data.text_len + (cfg.data.image_size // data.latents.downsample // cfg.model.patch_size) ** 2
     metrics = MetricsLogger(
@@ -116,6 +120,32 @@ def setup(cfg: TrainConfig) -> Run:
         config=OmegaConf.to_container(resolved),
     )
     return Run(cfg, d, stage, data, ckpt, state, metrics)
+
+
+def resume(cfg: TrainConfig, d: Dist, data: ShapesData, ckpt: Checkpointer) -> tuple[Stage, TrainState]:
+    """The stage, restored from the newest checkpoint that verifies and loads with finite
+    values; each one that does not is named, set aside and the next older one tried."""
+    while True:
+        step = ckpt.newest_good()
+        stage = build_stage(cfg, d, data, ckpt.path(step) if step is not None else None)
+        if step is None:
+            return stage, TrainState(world_size=d.world_size)
+        problems = []
+        try:
+            state, loaded = ckpt.load(step, stage.trainables, {"stage": stage.state_dict})
+            stage.load_state_dict(loaded["stage"])
+            bad = stage.nonfinite()
+            if bad:
+                problems.append(f"non-finite values in {len(bad)} tensors: {', '.join(bad[:5])}")
+        except CheckpointError as e:
+            problems += e.problems
+        every = d.all_objects(problems)
+        problems = [p if d.world_size == 1 else f"rank {r}: {p}" for r, ps in enumerate(every) for p in ps]
+        if not problems:
+            data.loader.load_state_dict(state.loader)
+            state.world_size = d.world_size
+            return stage, state
+        ckpt.set_aside(step, problems)
 
 
 def can_sample(run: Run) -> bool:
@@ -165,6 +195,8 @@ def train(cfg: TrainConfig) -> Run:
     status = (lambda state: write_status(cfg.run_dir, state, st.step)) if run.d.is_main else (lambda state: None)
     status("running")
     nonfinite = 0  # optimizer steps in a row whose update was skipped
+    skipped = []  # samples this rank's loader left out since the last metrics row
+    pop_skipped = getattr(run.data.loader, "pop_skipped", list)
     try:
         while st.step < steps:
             values = run.stage.step(st.step)
@@ -173,11 +205,21 @@ def train(cfg: TrainConfig) -> Run:
             run.metrics.count(cfg.stage.global_batch_size, values.pop("data_s"))
             nonfinite = nonfinite + 1 if values.pop("skipped") else 0
             values.update(run.stage.validate(st.step))
+            skipped += pop_skipped()
+            stop = preemption.check(run.d)
+            save = st.step % cfg.checkpoint.every == 0 or st.step == steps or stop
             if st.step % cfg.log.every == 0 or st.step == steps or "val_loss" in values or nonfinite:
                 # loss and stage terms are per rank; grad norms are already global
                 values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and not k.startswith("grad_norm") else v
                           for k, v in values.items()}
+                every = [r for rank in run.d.all_objects(skipped) for r in rank] if run.d.world_size > 1 else skipped
+                if every:
+                    values["data_skipped"] = len(every)
+                    run.metrics.skipped(st.step, every)
+                skipped = []
                 run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
+            if st.step % cfg.log.every == 0 or save:
+                check_finite(run)
             limit = cfg.stage.max_nonfinite_steps
             if limit and nonfinite >= limit:
                 raise NonFiniteError(
@@ -186,10 +228,9 @@ def train(cfg: TrainConfig) -> Run:
                     f"Try a lower optimizer.lr, more optimizer.warmup_steps, optimizer.grad_clip, "
                     f"parallel.param_dtype=float32 to rule out bf16 overflow, or check the data near these steps "
                     f"(stage.max_nonfinite_steps={limit}); the last checkpoint is intact")
-            stop = preemption.check(run.d)
             if cfg.log.sample_every and can_sample(run) and (st.step % cfg.log.sample_every == 0 or st.step == steps):
                 save_samples(run)
-            if st.step % cfg.checkpoint.every == 0 or st.step == steps or stop:
+            if save:
                 save_checkpoint(run)
             run.ckpt.poll()
             if stop:

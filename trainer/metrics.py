@@ -6,8 +6,12 @@
 time per optimizer step since the last line; `eta` the remaining steps at a smoothed
 step time.
 
+Samples the loader skipped (non-finite or absurd latents) are counted in the row's
+`data_skipped` and listed with shard and key in skipped_samples.jsonl.
+
 Only rank 0 writes. On resume, rows past the resumed step (logged by the run
-that crashed after its last checkpoint) are dropped from metrics.jsonl and
+that crashed after its last checkpoint) are dropped from metrics.jsonl (and
+skipped_samples.jsonl) and
 TensorBoard's purge_step hides them, so the files read as one run. W&B cannot
 rewrite history: the resumed run continues the same W&B run (id from the run name,
 resume="allow") and sends it only steps past the last one it already has.
@@ -100,6 +104,7 @@ class MetricsLogger:
         self.peak = peak_flops * world_size if peak_flops else None
         self.device = device
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.skipped_path = os.path.join(run_dir, "skipped_samples.jsonl")
         self.tb = None
         self.wb = None
         self._t0 = time.perf_counter()
@@ -111,6 +116,7 @@ class MetricsLogger:
         if not enabled:
             return
         last_logged = _truncate_jsonl(self.path, start_step)
+        _truncate_jsonl(self.skipped_path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -163,6 +169,13 @@ class MetricsLogger:
             self.wb.log({k: v for k, v in row.items() if k != "step"}, step=step)
         log.info(self.format(row))
         return row
+
+    def skipped(self, step: int, records: list[dict]) -> None:
+        """Samples the data left out (damaged latents) up to `step`: one row each, with its
+        shard and key, in skipped_samples.jsonl (their count is the row's `data_skipped`)."""
+        if self.enabled and records:
+            with open(self.skipped_path, "a") as f:
+                f.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
 
     def format(self, row: dict) -> str:
         parts = [f"step {row['step']}/{self.total_steps}"]

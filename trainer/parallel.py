@@ -56,6 +56,22 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
+    def all_objects(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        every = [None] * self.world_size
+        dist.all_gather_object(every, obj)
+        return every
+
+    def from_main(self, obj):
+        """Rank 0's `obj` on every rank (a decision all ranks must share)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def init_distributed(cfg: ParallelConfig, device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -35,7 +35,7 @@ from data.shapes_loader import ShapesData
 from trainer.checkpoint import resolve_checkpoint
 from trainer.config import TrainConfig
 from trainer.lora import alpha_of, apply_lora, validate_lora
-from trainer.model import K2DiT, ModelConfig
+from trainer.model import K2DiT, ModelConfig, clean_name
 from trainer.objectives import OBJECTIVES, FlowObjective, build_objective
 from trainer.optim import EMA, build_optimizer, lr_at, set_lr, validate_schedule
 from trainer.parallel import DTYPES, Dist, parallelize, set_gradient_sync
@@ -61,6 +61,22 @@ class Trainable:
         return cls(module, build_optimizer(module, optimizer_cfg or cfg.optimizer),
                    EMA(module, decay) if decay > 0 else None, info)
 
+    def tensors(self, name: str):
+        """(name, local tensor) of everything a checkpoint of this model holds: weights,
+        optimizer state and EMA (this rank's shards)."""
+        for n, p in self.module.named_parameters():
+            if p.requires_grad:
+                yield f"{name}.{clean_name(n)}", _local(p)
+        if self.optimizer is not None:
+            names = {p: clean_name(n) for n, p in self.module.named_parameters()}
+            for p, st in self.optimizer.state.items():
+                for k, v in st.items():
+                    if torch.is_tensor(v) and v.is_floating_point():
+                        yield f"{name}_optimizer.{names.get(p, '?')}.{k}", _local(v)
+        if self.ema is not None:
+            for n, v in self.ema.state_dict().items():
+                yield f"{name}_ema.{n}", _local(v)
+
     @contextlib.contextmanager
     def ema_weights(self):
         """The EMA weights swapped in for the duration (the live ones when there is no EMA)."""
@@ -71,6 +87,30 @@ class Trainable:
         finally:
             if self.ema is not None:
                 self.ema.swap()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nonfinite(trainables: dict[str, Trainable], d: Dist) -> list[str]:
+    """Names of the checkpointed tensors (weights, optimizer state, EMA) holding a NaN or
+    inf on any rank. One host sync; run at log steps and before every checkpoint."""
+    names, flags = [], []
+    for name, t in trainables.items():
+        for n, v in t.tensors(name):
+            names.append(n)
+            flags.append(torch.isfinite(v.detach()).all() if v.numel() else torch.ones((), dtype=torch.bool,
+                                                                                        device=v.device))
+    if not names:
+        return []
+    ok = torch.stack([f.to(d.device) for f in flags]).to(torch.int32)
+    if d.world_size > 1:
+        import torch.distributed as dist
+
+        ok = ok.to(d.device if d.device.type == "cuda" else "cpu")
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return [n for n, good in zip(names, ok.tolist()) if not good]
 
 
 # ---------------------------------------------------------------- building models
@@ -195,6 +235,10 @@ class Stage:
         """Checks of the stage's settings that need more than types; ValueError naming the key.
         Runs with the rest of the config before any work starts (also in slurm.submit)."""
         validate_schedule(cfg.optimizer)
+
+    def nonfinite(self) -> list[str]:
+        """Checkpointed tensors with a NaN or inf (see `nonfinite`)."""
+        return nonfinite(self.trainables, self.d)
 
     def models_info(self) -> dict[str, dict]:
         return {**{n: t.info for n, t in self.trainables.items()}, **self.frozen}

@@ -4,7 +4,7 @@
 fake score on two optimizers; DPO/GRPO: a frozen reference): a trainable "model",
 a second trainable "critic" with its own optimizer, learning rate and EMA, a frozen
 "reference", and a tensor of its own state. `NaNStage` turns its loss to NaN from
-step 4 on.
+step 4 on; `PoisonStage` puts an inf into a weight at step 5.
 """
 
 import torch
@@ -70,3 +70,15 @@ class NaNStage(FlowStage):
             return (value * float("nan") if self.objective.step >= 3 else value), terms
 
         self.objective.loss = loss
+
+
+class PoisonStage(FlowStage):
+    """A step whose gradients are finite but whose update leaves an inf in one weight
+    (what an overflowing optimizer or a bad learning rate does): from step 5 on."""
+
+    def step(self, step):
+        values = super().step(step)
+        if step == 4:
+            with torch.no_grad():
+                next(p for n, p in self.model.named_parameters() if n.endswith("final.linear.weight"))[0, 0] = float("inf")
+        return values
