@@ -62,7 +62,7 @@ MODELS_FILE = "models.json"
 DAMAGED = "damaged"  # checkpoints that failed verification, kept for inspection
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted: which folder, which files, why."""
 
     def __init__(self, path: str, problems: list[str]):
@@ -351,6 +351,19 @@ def resolve_checkpoint(path: str) -> str | None:
         if steps:
             return os.path.join(folder, f"step_{steps[-1]:08d}")
     return None
+
+
+def verify_checkpoint(step_dir: str) -> None:
+    """Raises CheckpointError naming every bad file of a checkpoint read outside a run
+    (init_from, evaluation, sampling, export): such a source is never set aside or
+    replaced by an older one, the user named it."""
+    try:
+        found = checksums.verify(step_dir)
+    except checksums.ChecksumError as e:
+        found = [str(e)]
+    found += _readable(step_dir)
+    if found:
+        raise CheckpointError(step_dir, found)
 
 
 def read_models(step_dir: str) -> dict[str, dict]:

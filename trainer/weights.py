@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from trainer.checkpoint import read_models, read_tensors, resolve_checkpoint
+from trainer.checkpoint import read_models, read_tensors, resolve_checkpoint, verify_checkpoint
 from trainer.lora import is_adapter, merge_lora
 from trainer.model import K2DiT, ModelConfig, load_pretrained
 
@@ -54,6 +54,7 @@ def load_weights(source: str, which: str = "ema", loras: list[tuple[str, float]]
     if step_dir is None:
         model = load_pretrained(source, model_cfg)
     else:
+        verify_checkpoint(step_dir)
         cfg = checkpoint_model_config(step_dir, name)
         if model_cfg is not None and not same_network(cfg, model_cfg):
             raise ValueError(f"{step_dir} holds model config {cfg.name!r}, which is not the network of "

@@ -153,3 +153,19 @@ def test_checkpoint_files_are_fsynced_before_they_are_renamed_into_place(tmp_pat
         tmp = next(p for kind, p in events if kind == "replace" and p.endswith(name + ".tmp"))
         assert ("fsync", tmp) in events[: events.index(("replace", tmp))], name
     assert checksums.verify(ckpt.path(1)) == []
+
+
+def test_weights_read_outside_a_run_are_verified_first(straight, tmp_path):
+    """init_from, evaluate, sample and export read through load_weights: a damaged
+    checkpoint there is an error naming the file (never replaced by an older one)."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.weights import load_weights
+
+    src, reference = straight
+    step_dir = str(tmp_path / "step_00000012")
+    shutil.copytree(os.path.join(src, "checkpoints", "step_00000012"), step_dir)
+    ema = load_weights(step_dir).state_dict()
+    assert all(torch.equal(ema[k], reference["ema"][k]) for k in ema)
+    overwrite(_distcp(step_dir))
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: sha256 mismatch"):
+        load_weights(step_dir)
