@@ -48,15 +48,39 @@ class DataConfig:
     world: str | None = None
     # data.name="synthetic": the share of the text_len tokens that are valid (unpadded).
     synthetic_valid_text: float = 0.6
+    # data.name="shards": what is checked at start against index.json. "size": every shard
+    # exists with its recorded size (cheap); "checksum": also the writer's SHA-256 of each.
+    # Either way a bad shard set is refused before training, listing every bad shard.
+    verify: str = "size"
+    # data.name="shards": a sample whose latent has a NaN/inf or |x| >= this is skipped (its
+    # shard and key in the log and skipped_samples.jsonl); latents are normalised to ~unit scale.
+    max_abs_latent: float = 1e4
 
     def __post_init__(self):
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        if self.text_len < 1:
-            raise ValueError(f"text_len must be >= 1, got {self.text_len}")
-        if not self.text_layers:
-            raise ValueError("text_layers must name at least one hidden state")
-        if self.world not in (None, "shapes"):
-            raise ValueError(f"world must be 'shapes' or null, got {self.world!r}")
-        if self.num_workers < 0 or self.prefetch < 1:
-            raise ValueError(f"need num_workers >= 0 and prefetch >= 1, got {self.num_workers} and {self.prefetch}")
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the first bad key: "data.key must be ..., got X"."""
+        rules = [
+            ("name", self.name in ("shapes", "shards", "synthetic"), "shapes|shards|synthetic"),
+            ("path", self.name != "shards" or bool(self.path), "set for data.name=shards (a shard directory)"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("prefetch", self.prefetch >= 1, ">= 1"),
+            ("image_size", self.image_size >= (32 if self.name == "shapes" else 1),
+             ">= 32 for data.name=shapes" if self.name == "shapes" else "> 0"),
+            ("caption_dropout", 0.0 <= self.caption_dropout <= 1.0, "in [0, 1]"),
+            ("text_len", self.text_len >= 1, ">= 1"),
+            ("text_layers", bool(self.text_layers) and min(self.text_layers) >= 0,
+             "a non-empty list of hidden-state indices >= 0"),
+            ("latents", self.latents in ("pixels", "qwen_image", "flux2"), "pixels|qwen_image|flux2"),
+            ("vae_path", self.latents == "pixels" or self.name != "shapes" or bool(self.vae_path),
+             f"set for data.latents={self.latents}"),
+            ("pixel_downsample", self.pixel_downsample >= 1, ">= 1"),
+            ("world", self.world in (None, "shapes"), "shapes or null"),
+            ("synthetic_valid_text", 0.0 < self.synthetic_valid_text <= 1.0, "in (0, 1]"),
+            ("verify", self.verify in ("size", "checksum"), "size|checksum"),
+            ("max_abs_latent", self.max_abs_latent > 0, "> 0"),
+        ]
+        for key, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"data.{key} must be {rule}, got {getattr(self, key)!r}")

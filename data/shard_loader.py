@@ -17,14 +17,25 @@ on the worker count, and resuming is a matter of rebuilding the plan and startin
 
 Caption dropout is decided per (seed, epoch, sample index): a sample dropped in one
 epoch may keep its caption in the next, and the decision does not depend on the rank.
+
+Damage is found as early as it can be: at start every shard must exist with the byte
+size the index records (verify="checksum" also compares each file's sha256 with the
+writer's), a damaged tar header is named at read by shard, key and byte, and a sample
+whose latents are not finite or absurd is left out of its batch and reported
+(ShardLoader.pop_skipped) rather than trained on. Leaving it out changes no plan: the
+batch is one shorter, the stream and its positions are the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +47,14 @@ from data.batch import Batch
 FORMAT = "k2train-shards/1"
 _DROPOUT_STREAM = 0xD20F  # a caption-dropout RNG stream apart from the plan's [seed, epoch]
 _MAX_OPEN_FILES = 64
+VERIFY = ("size", "checksum")
+# Latents are stored normalised (about unit scale; pixels in [-1, 1]), so |x| of 1e4 is
+# thousands of standard deviations out: never a real tail, always an encoder that blew up
+# or a saturated float16 (65504 is its largest finite value, which 1e4 also catches). One
+# such value squared in the flow loss outweighs the rest of the batch by orders of magnitude.
+MAX_ABS_LATENT = 1e4
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,57 @@ class ShardIndex:
         self.latents = LatentsInfo(**{k: self.meta["latents"][k] for k in ("kind", "channels", "downsample")})
         self.text_suffix = int(self.meta["text"].get("suffix", 0))
         self.empty_text = np.load(os.path.join(path, self.meta["empty_text"]))
+
+    def verify(self, mode: str = "size") -> None:
+        """ValueError listing every bad shard, or None when all are sound.
+
+        "size": each shard exists and has the byte size the index records (a stat per shard;
+        finds deleted and truncated shards, not bytes damaged in place). "checksum": that,
+        and the sha256 of each file equals the writer's (reads every byte, shards hashed in
+        parallel threads); an index written before the writer recorded checksums is refused.
+        """
+        if mode not in VERIFY:
+            raise ValueError(f"verify must be one of {list(VERIFY)}, got {mode!r}")
+        shards, problems = self.meta["shards"], {}
+        ends = np.zeros(len(shards), np.int64)  # the last byte any member of the shard reaches
+        np.maximum.at(ends, self.shard, self.offset + self.size)
+        for s, entry in enumerate(shards):
+            name, want = entry["name"], int(entry["bytes"])
+            try:
+                size = os.path.getsize(os.path.join(self.path, name))
+            except FileNotFoundError:
+                problems[name] = "missing"
+                continue
+            if size != want:
+                problems[name] = f"size {size} bytes, expected {want} ({'truncated' if size < want else 'grown'})"
+            elif ends[s] > want:
+                problems[name] = f"the index places members up to byte {ends[s]} of a {want}-byte shard (stale index)"
+        if mode == "checksum":
+            todo = [e for e in shards if e["name"] not in problems]
+            for entry in todo:
+                if "sha256" not in entry:
+                    problems[entry["name"]] = "no sha256 in the index (written before the writer recorded checksums)"
+            todo = [e for e in todo if "sha256" in e]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1, len(todo)))) as pool:
+                digests = list(pool.map(lambda e: _sha256(os.path.join(self.path, e["name"])), todo))
+            for entry, digest in zip(todo, digests):
+                if digest != entry["sha256"]:
+                    problems[entry["name"]] = f"checksum mismatch: sha256 {digest}, expected {entry['sha256']}"
+            log.info("%s: sha256 of %d shards (%.2f GB) verified in %.1fs", self.path, len(todo),
+                     sum(e["bytes"] for e in todo) / 1e9, time.perf_counter() - t0)
+        if problems:
+            lines = "".join(f"\n  {name}: {why}" for name, why in problems.items())
+            raise ValueError(f"{self.path}: {len(problems)} of {len(shards)} shards are bad, refusing to start:"
+                             f"{lines}\nRewrite their chunks (delete done/<chunk>.json, rerun the writer, build_index).")
+
+
+def _sha256(path: str) -> str:
+    digest, buf = hashlib.sha256(), bytearray(8 << 20)
+    with open(path, "rb") as f:
+        while got := f.readinto(buf):
+            digest.update(memoryview(buf)[:got])  # hashlib lets go of the GIL here: threads hash in parallel
+    return digest.hexdigest()
 
 
 def plan_epoch(bucket_S: np.ndarray, seed: int, epoch: int, rank: int, world_size: int,
@@ -110,6 +180,7 @@ class _Plan:
     seed: int
     caption_dropout: float
     text_len: int
+    max_abs_latent: float
 
 
 class _PlannedBatches(IterableDataset):
@@ -121,7 +192,7 @@ class _PlannedBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        reader, p = ShardReader(self.index, self.plan.text_len), self.plan
+        reader, p = ShardReader(self.index, self.plan.text_len, self.plan.max_abs_latent), self.plan
         epoch, first = self.start
         position = 0
         while True:
@@ -147,6 +218,12 @@ def _npy_view(buf: memoryview) -> np.ndarray:
     return np.frombuffer(buf, dtype, count=int(np.prod(shape)), offset=header.tell()).reshape(shape)
 
 
+def _header_name(header: memoryview) -> str:
+    """The name field of the tar header at the start of `header`, read as it stands,
+    checksum or not, so that a damaged header can still be named."""
+    return bytes(header[:100]).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def _empty(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:
     # In a DataLoader worker, a batch tensor is moved to shared memory to reach the
     # trainer; allocating it there saves copying ~250 MB of padded 1024² text per batch.
@@ -163,17 +240,19 @@ class ShardReader:
     `sample(i) -> (record, {"latent", "text"[, "repa"]: float16 array})` for sample i of the index.
     """
 
-    def __init__(self, index: ShardIndex, text_len: int):
-        self.index, self.text_len = index, text_len
+    def __init__(self, index: ShardIndex, text_len: int, max_abs_latent: float = MAX_ABS_LATENT):
+        self.index, self.text_len, self.max_abs_latent = index, text_len, max_abs_latent
         self.files: dict[int, object] = {}
         self.buffer = bytearray()  # reused: the arrays of _read are views valid until the next read
 
-    def _read(self, idx: int) -> tuple[dict, dict[str, np.ndarray]]:
+    def _read(self, idx: int) -> tuple[str, dict, dict[str, np.ndarray]]:
+        """(key, record, arrays) of sample idx; the arrays are views into self.buffer."""
         shard = int(self.index.shard[idx])
+        path = os.path.join(self.index.path, self.index.shard_names[shard])
         if shard not in self.files:
             if len(self.files) >= _MAX_OPEN_FILES:
                 self.files.pop(next(iter(self.files))).close()
-            self.files[shard] = open(os.path.join(self.index.path, self.index.shard_names[shard]), "rb")
+            self.files[shard] = open(path, "rb")
         f = self.files[shard]
         offset, size = int(self.index.offset[idx]), int(self.index.size[idx])
         if len(self.buffer) < size:
@@ -181,47 +260,70 @@ class ShardReader:
         buf = memoryview(self.buffer)[:size]
         f.seek(offset)
         got = f.readinto(buf)
-        where = f"{self.index.shard_names[shard]} at byte {offset}"
         if got != size:
-            raise ValueError(f"{where}: read {got} of {size} bytes; the shard is truncated or the index stale")
+            raise ValueError(f"{path}: sample {idx} at byte {offset}: read {got} of {size} bytes; "
+                             f"the shard is truncated or the index stale")
+        key = _header_name(buf).split(".", 1)[0]
         record, arrays, pos = None, {}, 0
         while pos < size:
-            info = tarfile.TarInfo.frombuf(bytes(buf[pos:pos + tarfile.BLOCKSIZE]), "utf-8", "surrogateescape")
-            data = buf[pos + tarfile.BLOCKSIZE:pos + tarfile.BLOCKSIZE + info.size]
+            where = f"{path}: sample {idx} (key {key!r}), member {_header_name(buf[pos:])!r} at byte {offset + pos}"
+            try:
+                info = tarfile.TarInfo.frombuf(bytes(buf[pos:pos + tarfile.BLOCKSIZE]), "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise ValueError(f"{where}: damaged tar header ({e}); rewrite the shard's chunk") from None
+            end = pos + tarfile.BLOCKSIZE + info.size
+            if end > size or not info.name.startswith(f"{key}."):
+                raise ValueError(f"{where}: member {info.name!r} of {info.size} bytes does not belong to the "
+                                 f"{size}-byte sample {key!r}; the index is stale or the shard damaged")
+            data, field = buf[pos + tarfile.BLOCKSIZE:end], info.name[len(key) + 1:]
+            try:
+                if field == "json":
+                    record = json.loads(bytes(data))
+                elif field.endswith(".npy"):
+                    arrays[field[:-4]] = _npy_view(data)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+                raise ValueError(f"{where}: member {info.name!r} is damaged: {e}") from None
             pos += tarfile.BLOCKSIZE + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            field = info.name.split(".", 1)[1]
-            if field == "json":
-                record = json.loads(bytes(data))
-            elif field.endswith(".npy"):
-                arrays[field[:-4]] = _npy_view(data)
         if record is None or "latent" not in arrays or "text" not in arrays:
-            raise ValueError(f"{where}: sample lacks json/latent/text members (has {sorted(arrays)})")
-        return record, arrays
+            raise ValueError(f"{path}: sample {idx} (key {key!r}) at byte {offset} lacks json/latent/text members "
+                             f"(has {sorted(arrays)})")
+        return key, record, arrays
 
     def sample(self, idx: int) -> tuple[dict, dict[str, np.ndarray]]:
-        record, arrays = self._read(idx)
+        _, record, arrays = self._read(idx)
         return record, {k: a.copy() for k, a in arrays.items()}
 
     def batch(self, epoch: int, n: int, ids: np.ndarray, dropped: np.ndarray) -> dict:
-        """The planned batch `n` of `epoch` as float32 tensors, text padded to text_len."""
+        """The planned batch `n` of `epoch` as float32 tensors, text padded to text_len.
+
+        Samples whose latents are not finite or reach max_abs_latent are left out (the batch
+        is that much shorter) and listed in out["skipped"]; ValueError if none is left.
+        """
         B, T, suffix = len(ids), self.text_len, self.index.text_suffix
         shared = get_worker_info() is not None
         empty_text = torch.from_numpy(self.index.empty_text)
-        out, captions = {}, []
-        for b, i in enumerate(ids):
-            record, arrays = self._read(int(i))  # views: copied into the batch before the next read
-            if b == 0:
+        out, captions, kept, skipped = {}, [], [], []
+        for i in ids.tolist():
+            key, record, arrays = self._read(i)  # views: copied into the batch before the next read
+            if not out:
                 for name in ("latent", "repa") if self.index.meta.get("repa") else ("latent",):
                     out[name] = _empty((B,) + arrays[name].shape, torch.float32, shared)
                 out["text"] = _empty((B, T) + empty_text.shape[1:], torch.float32, shared)
                 out["text_mask"] = _empty((B, T), torch.bool, shared)
-            for name in ("latent", "repa") if "repa" in out else ("latent",):
-                out[name][b].copy_(torch.from_numpy(arrays[name]))
+            b = len(kept)  # the row; a skipped sample's row is written over by the next one
+            out["latent"][b].copy_(torch.from_numpy(arrays["latent"]))
+            why = _bad_latent(out["latent"][b], self.max_abs_latent)
+            if why:
+                skipped.append({"shard": self.index.shard_names[self.index.shard[i]], "key": key, "sample": i,
+                                "epoch": epoch, "reason": why})
+                continue
+            if "repa" in out:
+                out["repa"][b].copy_(torch.from_numpy(arrays["repa"]))
             feats = empty_text if dropped[i] else torch.from_numpy(arrays["text"])
             captions.append("" if dropped[i] else record["caption"])
             head = len(feats) - suffix  # prompt tokens at the front, the template suffix at the end
             if head < 0 or len(feats) > T:
-                raise ValueError(f"sample {int(i)} ({record['source']}) has {len(feats)} text tokens; "
+                raise ValueError(f"sample {i} ({record['source']}) has {len(feats)} text tokens; "
                                  f"text_len={T} with a {suffix}-token suffix cannot hold them")
             text, mask = out["text"][b], out["text_mask"][b]
             text[:head].copy_(feats[:head])
@@ -230,10 +332,28 @@ class ShardReader:
             mask.zero_()
             mask[:head] = True
             mask[T - suffix:] = True
-        out.update(epoch=epoch, batch=n, captions=captions,
-                   sample_ids=torch.from_numpy(epoch * self.index.total + ids.astype(np.int64)))
+            kept.append(i)
+        if not kept:
+            named = "; ".join(f"{s['shard']} {s['key']}: {s['reason']}" for s in skipped)
+            raise ValueError(f"{self.index.path}: every sample of batch {n} of epoch {epoch} has bad latents, "
+                             f"and the trainer cannot take an empty batch: {named}")
+        out = {name: t[:len(kept)] for name, t in out.items()}  # views of the same (shared) storage
+        out.update(epoch=epoch, batch=n, captions=captions, skipped=skipped,
+                   sample_ids=torch.tensor(kept, dtype=torch.int64) + epoch * self.index.total)
         out["latents"] = out.pop("latent")
         return out
+
+
+def _bad_latent(x: torch.Tensor, max_abs: float) -> str | None:
+    """Why the latent `x` must not be trained on, or None. NaN fails `<` too, so one pass finds all."""
+    peak = float(x.abs().amax())
+    if peak < max_abs:
+        return None
+    nan, inf = int(x.isnan().sum()), int(x.isinf().sum())
+    if nan or inf:
+        return f"latent not finite: {nan} NaN and {inf} inf of {x.numel()} values"
+    big = int((x.abs() >= max_abs).sum())
+    return f"latent absurd: {big} of {x.numel()} values reach |x| >= {max_abs:g} (max {peak:g})"
 
 
 class ShardLoader:
@@ -241,7 +361,11 @@ class ShardLoader:
 
     def __init__(self, path: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  caption_dropout: float = 0.0, text_len: int = 512, num_workers: int = 2, prefetch: int = 2,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, verify: str = "size", max_abs_latent: float = MAX_ABS_LATENT):
+        """verify: "size" (every shard present with its indexed size) or "checksum" (and its
+        sha256 the writer's) before anything is read; see ShardIndex.verify. Samples whose
+        latents are not finite or reach |x| >= max_abs_latent are left out of their batch
+        (see pop_skipped)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -250,9 +374,12 @@ class ShardLoader:
             raise ValueError(f"need num_workers >= 0 and prefetch >= 1, got {num_workers} and {prefetch}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if not max_abs_latent > 0:
+            raise ValueError(f"max_abs_latent must be > 0, got {max_abs_latent}")
         self.index = ShardIndex(path)
+        self.index.verify(verify)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.caption_dropout, self.text_len = caption_dropout, text_len
+        self.caption_dropout, self.text_len, self.max_abs_latent = caption_dropout, text_len, max_abs_latent
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
         longest = max(int(self.index.meta["max_text"]), len(self.index.empty_text))
         if text_len < longest:
@@ -263,6 +390,7 @@ class ShardLoader:
                              f"batch of {batch_size} per rank on {world_size} ranks")
         self.epoch, self.batches_yielded = 0, 0
         self._iter = None
+        self._skipped: list[dict] = []
 
     @property
     def latents(self) -> LatentsInfo:
@@ -277,7 +405,8 @@ class ShardLoader:
 
     def __next__(self) -> Batch:
         if self._iter is None:
-            spec = _Plan(self.batch_size, self.rank, self.world_size, self.seed, self.caption_dropout, self.text_len)
+            spec = _Plan(self.batch_size, self.rank, self.world_size, self.seed, self.caption_dropout, self.text_len,
+                         self.max_abs_latent)
             dataset = _PlannedBatches(self.index, spec, self.epoch, self.batches_yielded)
             workers = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.num_workers else {}
             self._iter = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
@@ -286,8 +415,18 @@ class ShardLoader:
         # Counted here, as the trainer receives the batch: what workers prefetched beyond
         # this point is not consumed and is read again after a resume.
         self.epoch, self.batches_yielded = out["epoch"], out["batch"] + 1
+        for s in out["skipped"]:  # logged here, not in the worker: once per batch handed out
+            log.warning("skipped sample %d (%s in %s) of epoch %d batch %d: %s", s["sample"], s["key"], s["shard"],
+                        s["epoch"], out["batch"], s["reason"])
+        self._skipped += out["skipped"]
         return Batch(latents=out["latents"], text=out["text"], text_mask=out["text_mask"],
                      sample_ids=out["sample_ids"], captions=list(out["captions"]), repa=out.get("repa"))
+
+    def pop_skipped(self) -> list[dict]:
+        """The samples left out of the batches handed out so far, since the last call:
+        [{"shard": file name, "key": sample key, "sample": index in index.json, "epoch", "reason"}]."""
+        skipped, self._skipped = self._skipped, []
+        return skipped
 
     def close(self) -> None:
         """Stop the workers (a later next() starts new ones at the same position)."""

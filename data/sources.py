@@ -36,7 +36,8 @@ def build_shard_data(cfg: DataConfig, batch_size: int, rank: int, world_size: in
         raise ValueError("data.name=shards needs data.path: a shard directory with index.json (data/writer.py)")
     loader = ShardLoader(cfg.path, batch_size, rank, world_size, seed=cfg.seed, caption_dropout=cfg.caption_dropout,
                          text_len=cfg.text_len, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
-                         pin_memory=torch.device(device).type == "cuda")
+                         pin_memory=torch.device(device).type == "cuda", verify=cfg.verify,
+                         max_abs_latent=cfg.max_abs_latent)
     encoder = None
     if cfg.encoder_path:
         if not os.path.isdir(cfg.encoder_path):

@@ -21,6 +21,7 @@ What is read, and how inputs are validated: data/shard_inputs.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -139,15 +140,32 @@ def _done_marker(out_dir: str, chunk_name: str) -> dict | None:
     return marker
 
 
+class _HashingFile:
+    """A file opened for writing that hashes every byte on its way through (tarfile needs
+    only write and tell), so the shard's checksum costs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
 def write_tar(path: str, samples: Iterable[tuple[str, dict, dict[str, np.ndarray], int]]) -> dict:
     """Write (key, record, {field: array}, bucket id) samples to the tar `path`, atomically.
 
-    Returns the shard's index entry: name, bytes, samples, max_text (most valid text tokens
-    of a sample), members [[offset, size, bucket]].
+    Returns the shard's index entry: name, bytes, sha256 (hex digest of the whole file, for
+    the loader's verify="checksum"), samples, max_text (most valid text tokens of a sample),
+    members [[offset, size, bucket]].
     Bucket counts are keyed by bucket id here; write_done turns them into "HxW" names.
     """
     members, max_text = [], 0
-    with open(path + ".tmp", "wb") as f:
+    with open(path + ".tmp", "wb") as raw:
+        f = _HashingFile(raw)
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, record, arrays, bucket in samples:
                 offset = tar.offset
@@ -156,11 +174,11 @@ def write_tar(path: str, samples: Iterable[tuple[str, dict, dict[str, np.ndarray
                     _add(tar, f"{key}.{name}.npy", _npy(array))
                 members.append([offset, tar.offset - offset, bucket])
                 max_text = max(max_text, len(arrays["text"]))
-        f.flush()
-        os.fsync(f.fileno())
+        raw.flush()
+        os.fsync(raw.fileno())
     os.replace(path + ".tmp", path)
-    return {"name": os.path.basename(path), "bytes": os.path.getsize(path), "samples": len(members),
-            "max_text": max_text, "members": members}
+    return {"name": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": f.sha256.hexdigest(),
+            "samples": len(members), "max_text": max_text, "members": members}
 
 
 def write_done(out_dir: str, chunk_name: str, shards: list[dict], rejects: list[dict], meta: dict,

@@ -25,10 +25,9 @@ import shlex
 import subprocess
 import sys
 
-from omegaconf import OmegaConf
-
 from slurm.resolve import compose_config
 from trainer.config import LauncherConfig, TrainConfig
+from trainer.train import to_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,7 +85,7 @@ def render(launcher: LauncherConfig, overrides: list[str], job_name: str, output
 
 
 def checked_config(overrides: list[str]) -> TrainConfig:
-    cfg: TrainConfig = OmegaConf.to_object(compose_config(overrides))
+    cfg = to_config(compose_config(overrides))  # unknown keys too, as the trainer checks them
     cfg.validate(cfg.launcher.world_size)
     return cfg
 

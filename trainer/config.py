@@ -4,16 +4,44 @@ The root `TrainConfig` is registered as Hydra's schema, so every YAML file and
 command-line override is merged into these dataclasses: an unknown key or a
 value of the wrong type fails before any work starts, naming the key. After
 composition the config is turned into these objects once, at the edge
-(`trainer/train.py`), and passed down typed.
+(`trainer/train.py`, which also refuses keys a `+` override added), and passed
+down typed. Each dataclass's `validate` checks what types cannot (ranges, choices);
+`TrainConfig.validate` runs them all.
 """
 
 import os
+import signal
 from dataclasses import dataclass, field
 
 from data.config import DataConfig
 from trainer.flow import FlowConfig
 from trainer.model.config import ModelConfig
 from trainer.repa import RepaConfig
+
+# Rules for `check`: (what the error message says the value must be, the test).
+POSITIVE = ("> 0", lambda v: v > 0)
+NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+UNIT_OPEN = ("in [0, 1)", lambda v: 0 <= v < 1)  # 1 would freeze an EMA, or drop every input
+UNIT_CLOSED = ("in [0, 1]", lambda v: 0 <= v <= 1)
+FRACTION = ("in (0, 1]", lambda v: 0 < v <= 1)
+MESH_SIZE = (">= 1 or -1", lambda v: v >= 1 or v == -1)  # -1: what the other dimension leaves
+
+
+def one_of(*choices: str):
+    return ("|".join(choices), lambda v: v in choices)
+
+
+def optional(rule):
+    return (f"null or {rule[0]}", lambda v: v is None or rule[1](v))
+
+
+def check(prefix: str, obj, **rules) -> None:
+    """ValueError naming the first field of `obj` that breaks its rule, e.g.
+    `check("log", cfg.log, every=POSITIVE)` -> "log.every must be > 0, got 0"."""
+    for key, (rule, ok) in rules.items():
+        value = getattr(obj, key)
+        if not ok(value):
+            raise ValueError(f"{prefix + '.' if prefix else ''}{key} must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -62,6 +90,19 @@ class StageConfig:
     # A run stops with status "failed" after this many non-finite steps in a row (0: never).
     max_nonfinite_steps: int = 5
 
+    def validate(self, world_size: int) -> None:
+        check("stage", self, steps=POSITIVE, global_batch_size=POSITIVE, micro_batch_size=POSITIVE,
+              ema_decay=UNIT_OPEN, max_nonfinite_steps=NON_NEGATIVE)
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"stage.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"stage.micro_batch_size x world size = {self.micro_batch_size} x {world_size}"
+            )
+        check("stage.flow", self.flow, logit_std=POSITIVE)
+        check("stage.lora", self.lora, rank=NON_NEGATIVE, alpha=optional(POSITIVE), dropout=UNIT_OPEN)
+        check("stage.validation", self.validation, every=NON_NEGATIVE, samples=POSITIVE, batch_size=POSITIVE)
+
 
 @dataclass
 class OptimizerConfig:
@@ -79,6 +120,13 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
 
+    def validate(self) -> None:
+        # The schedule names are trainer/optim.py's (validate_schedule, run with the stage).
+        check("optimizer", self, name=one_of("adamw"), lr=POSITIVE, eps=POSITIVE, weight_decay=NON_NEGATIVE,
+              grad_clip=NON_NEGATIVE, warmup_steps=NON_NEGATIVE, min_lr_ratio=UNIT_CLOSED, decay_fraction=FRACTION)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
+
 
 @dataclass
 class ParallelConfig:
@@ -91,6 +139,16 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | full (per block)
     compile: bool = False  # torch.compile each block
     backend: str = "auto"  # auto | nccl | gloo
+
+    def validate(self, world_size: int) -> None:
+        check("parallel", self, param_dtype=one_of("float32", "bfloat16"), reduce_dtype=one_of("float32", "bfloat16"),
+              activation_checkpoint=one_of("none", "full"), backend=one_of("auto", "nccl", "gloo"))
+        check("parallel", self, dp_replicate=MESH_SIZE, dp_shard=MESH_SIZE)
+        # The mesh init_distributed will build, checked before a run directory exists.
+        r, s = self.dp_replicate, self.dp_shard
+        fixed = max(r, 1) * max(s, 1)
+        if world_size % fixed or (r > 0 and s > 0 and fixed != world_size):
+            raise ValueError(f"parallel.dp_replicate x parallel.dp_shard = {r} x {s} must fit world size {world_size}")
 
 
 @dataclass
@@ -127,6 +185,10 @@ class LogConfig:
     wandb_entity: str | None = None
     wandb_mode: str = "offline"  # offline | online | disabled
 
+    def validate(self) -> None:
+        check("log", self, every=POSITIVE, sample_every=NON_NEGATIVE, sample_steps=POSITIVE, num_samples=POSITIVE,
+              peak_tflops=optional(POSITIVE), wandb_mode=one_of("offline", "online", "disabled"))
+
 
 @dataclass
 class LauncherConfig:
@@ -158,6 +220,11 @@ class LauncherConfig:
     def world_size(self) -> int:
         return self.nodes * (self.procs_per_node or self.gpus_per_node or 1)
 
+    def validate(self) -> None:
+        check("launcher", self, nodes=POSITIVE, gpus_per_node=NON_NEGATIVE, procs_per_node=NON_NEGATIVE,
+              cpus_per_task=optional(POSITIVE), warning_seconds=NON_NEGATIVE, max_failures=NON_NEGATIVE,
+              rdzv_port=optional(("in [1, 65535]", lambda v: 1 <= v <= 65535)))
+
 
 @dataclass
 class TrainConfig:
@@ -185,29 +252,19 @@ class TrainConfig:
 
     def validate(self, world_size: int) -> None:
         """Checks that need more than types; raises ValueError naming the key."""
+        check("", self, name=("non-empty", bool), device=one_of("auto", "cpu", "cuda"))
         self.model.validate()
-        s = self.stage
-        if s.steps <= 0:
-            raise ValueError(f"stage.steps must be positive, got {s.steps}")
-        per_step = s.micro_batch_size * world_size
-        if s.global_batch_size % per_step:
-            raise ValueError(
-                f"stage.global_batch_size={s.global_batch_size} must be a multiple of "
-                f"stage.micro_batch_size x world size = {s.micro_batch_size} x {world_size}"
-            )
-        if not 0 <= s.ema_decay < 1:
-            raise ValueError(f"stage.ema_decay must be in [0, 1), got {s.ema_decay}")
-        if self.parallel.activation_checkpoint not in ("none", "full"):
-            raise ValueError(f"parallel.activation_checkpoint must be none|full, got {self.parallel.activation_checkpoint!r}")
-        for key in ("param_dtype", "reduce_dtype"):
-            if getattr(self.parallel, key) not in ("float32", "bfloat16"):
-                raise ValueError(f"parallel.{key} must be float32|bfloat16, got {getattr(self.parallel, key)!r}")
-        if self.checkpoint.every <= 0 or self.checkpoint.keep <= 0:
-            raise ValueError("checkpoint.every and checkpoint.keep must be positive")
-        if self.checkpoint.init_weights not in ("ema", "model"):
-            raise ValueError(f"checkpoint.init_weights must be ema|model, got {self.checkpoint.init_weights!r}")
-        if self.log.wandb_mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"log.wandb_mode must be offline|online|disabled, got {self.log.wandb_mode!r}")
+        self.data.validate()
+        self.stage.validate(world_size)
+        self.optimizer.validate()
+        self.parallel.validate(world_size)
+        c = self.checkpoint
+        check("checkpoint", c, every=POSITIVE, keep=POSITIVE, init_weights=one_of("ema", "model"))
+        bad = [n for n in c.preempt_signals if not isinstance(getattr(signal, n, None), signal.Signals)]
+        if bad:
+            raise ValueError(f"checkpoint.preempt_signals must be signal names (e.g. SIGUSR1), got {bad}")
+        self.log.validate()
+        self.launcher.validate()
         # The stage's own settings (its class knows them), before any work starts.
         from trainer.stage import validate_stage
 

@@ -1,5 +1,9 @@
 """ShardLoader: a planned, worker-count independent, exactly resumable stream of same-bucket batches."""
 
+import hashlib
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +150,13 @@ def test_caption_dropout_rate_and_determinism(shards, reference, encoder):
     assert 0.08 < num_dropped / (4 * len(reference)) < 0.35
     none = _loader(shards, caption_dropout=0.0)
     assert all(c for _ in range(5) for c in next(none).captions)
+
+
+def test_the_writer_records_checksums_the_loader_verifies(shards, reference):
+    with open(os.path.join(shards, "index.json")) as f:
+        entries = json.load(f)["shards"]
+    assert len(entries) == 3
+    for entry in entries:
+        with open(os.path.join(shards, entry["name"]), "rb") as f:
+            assert entry["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    _assert_same(next(_loader(shards, verify="checksum")), reference[0])

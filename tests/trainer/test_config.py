@@ -1,8 +1,14 @@
 """Bad configuration is rejected before any work starts, naming the key."""
 
+import copy
+import functools
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
+
+import pytest
 
 from tests.conftest import ROOT, train_cmd, train_env
 
@@ -91,3 +97,98 @@ def test_stage_settings_are_checked_with_the_config(run_root):
         cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "stage.repa.block=99" in proc.stdout + proc.stderr
     assert not os.path.exists(os.path.join(run_root, "test_tiny", "train.sbatch"))
+
+
+# ---- every value with a range is checked before a run directory is made ----------------------
+@pytest.mark.parametrize("override,named", [
+    ("+stage.stpes=5", "unknown key stage.stpes (did you mean stage.steps?)"),  # `+` cannot add a field
+    ("stage.global_batch_size=0", "stage.global_batch_size must be > 0"),  # trained nothing, logged NaN
+    ("stage.micro_batch_size=0", "stage.micro_batch_size must be > 0"),  # ZeroDivisionError
+    ("log.every=0", "log.every must be > 0"),  # ZeroDivisionError after a step
+    ("optimizer.lr=-1e-3", "optimizer.lr must be > 0"),
+    ("optimizer.betas=[0.9]", "optimizer.betas must be two numbers"),  # IndexError inside torch
+    ("device=tpu", "device must be auto|cpu|cuda"),  # ran on the CPU
+])
+def test_bad_value_exits_2_naming_the_key_before_the_run_directory(run_root, override, named):
+    proc = subprocess.run(train_cmd("model=tiny", "device=cpu", f"run_root={run_root}", "name=bad", "stage.steps=2",
+                                    "stage.global_batch_size=2", "stage.micro_batch_size=2", "log.tensorboard=false",
+                                    override),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert named in proc.stderr
+    assert not os.path.exists(run_root)  # not even Hydra's run directory
+
+
+def test_slurm_dry_run_refuses_unknown_keys_too(run_root, capsys):
+    from slurm.submit import main
+
+    rc = main(["--dry-run", "+launcher=slurm", "experiment=test_tiny", f"run_root={run_root}",
+               "stage.micro_batch_size=1", "+stage.stpes=5"])
+    assert rc == 2
+    assert "unknown key stage.stpes" in capsys.readouterr().err
+    assert not os.path.exists(run_root)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from hydra import compose, initialize_config_dir
+
+    from trainer.train import to_config
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+        return to_config(compose("train", overrides=["experiment=test_tiny"]))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("name", ""), ("device", "tpu"),
+    ("stage.steps", 0), ("stage.ema_decay", 1.0), ("stage.max_nonfinite_steps", -1), ("stage.flow.logit_std", 0.0),
+    ("stage.lora.rank", -1), ("stage.lora.dropout", 1.0), ("stage.lora.alpha", 0.0),
+    ("stage.validation.every", -1), ("stage.validation.samples", 0), ("stage.validation.batch_size", 0),
+    ("optimizer.name", "sgd"), ("optimizer.eps", 0.0), ("optimizer.weight_decay", -0.1), ("optimizer.grad_clip", -1.0),
+    ("optimizer.warmup_steps", -1), ("optimizer.schedule", "linear"), ("optimizer.min_lr_ratio", 1.5),
+    ("optimizer.decay_fraction", 0.0), ("optimizer.betas", [0.9, 1.0]),
+    ("parallel.dp_replicate", 0), ("parallel.dp_shard", 3), ("parallel.backend", "mpi"),
+    ("parallel.param_dtype", "float16"), ("parallel.activation_checkpoint", "some"),
+    ("checkpoint.every", 0), ("checkpoint.keep", 0), ("checkpoint.init_weights", "live"),
+    ("checkpoint.preempt_signals", ["SIGNOPE"]),
+    ("log.sample_every", -1), ("log.sample_steps", 0), ("log.num_samples", 0), ("log.peak_tflops", 0.0),
+    ("log.wandb_mode", "on"),
+    ("launcher.nodes", 0), ("launcher.gpus_per_node", -1), ("launcher.max_failures", -1), ("launcher.rdzv_port", 70000),
+    ("data.name", "imagenet"), ("data.num_workers", -1), ("data.prefetch", 0), ("data.image_size", 16),
+    ("data.caption_dropout", 1.5), ("data.text_len", 0), ("data.text_layers", []), ("data.text_layers", [-1]),
+    ("data.latents", "sdxl"), ("data.vae_path", None), ("data.pixel_downsample", 0), ("data.world", "mnist"),
+    ("data.synthetic_valid_text", 0.0),
+])
+def test_out_of_range_value_is_named(tiny, key, value):
+    cfg = copy.deepcopy(tiny)
+    if key == "data.vae_path":  # a VAE latent space needs its weights
+        cfg.data.latents = "qwen_image"
+    *parents, leaf = key.split(".")
+    setattr(functools.reduce(getattr, parents, cfg), leaf, value)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        cfg.validate(world_size=1)
+
+
+def test_the_tiny_config_itself_validates(tiny):
+    tiny.validate(world_size=1)  # so each case above fails on its own key alone
+    copy.deepcopy(tiny).validate(world_size=2)  # micro batch 4 x 2 ranks = global 8
+
+
+def test_unknown_keys_are_found_at_any_depth_but_a_dict_field_takes_any_key():
+    from omegaconf import OmegaConf
+
+    from trainer.train import unknown_keys
+
+    @dataclass
+    class Inner:
+        rank: int = 0
+
+    @dataclass
+    class Schema:
+        inner: Inner = field(default_factory=Inner)
+        extra: dict[str, int] = field(default_factory=dict)
+
+    cfg = OmegaConf.structured(Schema)
+    for key, value in (("inner.rnak", 1), ("extra.anything", 2), ("top", 3)):  # what `+key=value` does
+        OmegaConf.update(cfg, key, value, force_add=True)
+    assert unknown_keys(cfg, OmegaConf.structured(Schema)) == ["inner.rnak (did you mean inner.rank?)", "top"]

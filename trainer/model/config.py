@@ -38,6 +38,15 @@ class ModelConfig:
         return self.dim // self.num_heads
 
     def validate(self) -> None:
+        counts = ("latent_channels", "patch_size", "dim", "num_blocks", "num_heads", "num_kv_heads", "mlp_hidden",
+                  "timestep_dim", "text_dim", "num_text_layers", "text_num_heads", "text_num_kv_heads",
+                  "text_mlp_hidden", "rope_theta", "norm_eps")
+        for key in counts:
+            if not getattr(self, key) > 0:
+                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("num_layerwise_blocks", "num_refiner_blocks"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
