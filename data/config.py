@@ -37,7 +37,8 @@ class DataConfig:
     # Seeds the world (which image each sample id is) and caption dropout; for shards,
     # the per-epoch shuffle and caption dropout.
     seed: int = 0
-    # Latent space: "pixels" (demo) or "qwen_image" (needs vae_path: a VAE or pipeline folder).
+    # Latent space: "shapes_ae" (the demo's autoencoder, data/autoencoder.py), "pixels", or
+    # "qwen_image" / "flux2"; all but pixels need vae_path (a VAE or pipeline folder).
     latents: str = "pixels"
     # latents="pixels": average-pool the image by this factor (decoding upsamples back).
     pixel_downsample: int = 1
@@ -72,7 +73,8 @@ class DataConfig:
             ("text_len", self.text_len >= 1, ">= 1"),
             ("text_layers", bool(self.text_layers) and min(self.text_layers) >= 0,
              "a non-empty list of hidden-state indices >= 0"),
-            ("latents", self.latents in ("pixels", "qwen_image", "flux2"), "pixels|qwen_image|flux2"),
+            ("latents", self.latents in ("pixels", "shapes_ae", "qwen_image", "flux2"),
+             "pixels|shapes_ae|qwen_image|flux2"),
             ("vae_path", self.latents == "pixels" or self.name != "shapes" or bool(self.vae_path),
              f"set for data.latents={self.latents}"),
             ("pixel_downsample", self.pixel_downsample >= 1, ">= 1"),

@@ -10,6 +10,8 @@ Krea 2 trains on: 16 channels, 8x downsampling, normalised per channel with the
 checkpoint's latents_mean / latents_std exactly as diffusers' Qwen-Image pipelines do.
 `Flux2VAELatents` is the FLUX.2 VAE (32 channels, 8x), normalised with its BatchNorm
 running statistics after a 2x2 patchify, exactly as diffusers' Flux2Pipeline does.
+`ShapesAELatents` is the demo's own small autoencoder (data/autoencoder.py), trained on the
+shapes world and normalised per channel the way the Qwen-Image VAE is.
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ import os
 from pathlib import Path
 
 import torch
+
+
+def images_from_uint8(images_NHWC: torch.Tensor) -> torch.Tensor:
+    """RGB uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1], what `encode` takes."""
+    return images_NHWC.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def images_to_uint8(images_NCHW: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> RGB uint8 (N, H, W, 3), rounded as a PNG holds it."""
+    return ((images_NCHW.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _load_vae(class_name: str, path, device, dtype):
@@ -196,14 +208,65 @@ class Flux2VAELatents:
         return self.vae.decode(z_BCHW.to(param.dtype)).sample.float().clamp(-1, 1)
 
 
+class ShapesAELatents:
+    """The shapes-world autoencoder (data/autoencoder.py) with per-channel normalisation.
+
+    encode: z = (encoder(x) - latents_mean) * (1 / latents_std)
+    decode: x = clamp(decoder(z / (1 / latents_std) + latents_mean), -1, 1)
+    latents_mean / latents_std are the raw latents' statistics over the autoencoder's
+    training images (its config.json), so encoded world images are about N(0, 1) per channel.
+    """
+
+    kind = "shapes_ae"  # what the shard index records (data.writer.latents_kind)
+
+    def __init__(self, model, latents_mean: list[float], latents_std: list[float]):
+        self.model = model.eval().requires_grad_(False)
+        self.channels = int(model.cfg.channels)
+        self.downsample = int(model.cfg.downsample)
+        if len(latents_mean) != self.channels or len(latents_std) != self.channels:
+            raise ValueError(f"the autoencoder has {self.channels} latent channels but {len(latents_mean)} "
+                             f"latents_mean and {len(latents_std)} latents_std entries")
+        device = next(model.parameters()).device
+        self.mean_1C11 = torch.tensor(latents_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.inv_std_1C11 = 1.0 / torch.tensor(latents_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "ShapesAELatents":
+        """Load a folder written by `python -m data.autoencoder` (ValueError if it holds none)."""
+        from data.autoencoder import load_model
+
+        if dtype != torch.float32:
+            raise ValueError(f"the shapes autoencoder runs in float32, got dtype={dtype}")
+        model, config = load_model(path, device)
+        return cls(model, config["latents_mean"], config["latents_std"])
+
+    @torch.no_grad()
+    def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        height, width = images_BCHW.shape[-2:]
+        if height % self.downsample or width % self.downsample:
+            raise ValueError(f"image size {height}x{width} is not divisible by the autoencoder factor "
+                             f"{self.downsample}")
+        z_BCHW = self.model.encode(images_BCHW.to(self.mean_1C11.device, torch.float32))
+        return (z_BCHW - self.mean_1C11) * self.inv_std_1C11
+
+    @torch.no_grad()
+    def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        z_BCHW = latents_BCHW.to(self.mean_1C11.device, torch.float32) / self.inv_std_1C11 + self.mean_1C11
+        return self.model.decode(z_BCHW).clamp(-1, 1)
+
+
 def make_latents(kind: str, vae_path: str | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, pixel_downsample: int = 1):
-    """The latent space named by a data config: "pixels", "qwen_image" or "flux2" (the VAEs need vae_path)."""
+    """The latent space named by a data config: "pixels", "qwen_image", "flux2" or "shapes_ae"
+    (all but pixels need vae_path; for shapes_ae, a folder written by data/autoencoder.py)."""
     if kind == "pixels":
         return PixelLatents(downsample=pixel_downsample)
-    vaes = {"qwen_image": QwenImageVAELatents, "flux2": Flux2VAELatents}
+    vaes = {"qwen_image": QwenImageVAELatents, "flux2": Flux2VAELatents, "shapes_ae": ShapesAELatents}
     if kind not in vaes:
-        raise ValueError(f"unknown latent space {kind!r}; expected 'pixels', 'qwen_image' or 'flux2'")
+        raise ValueError(f"unknown latent space {kind!r}; expected 'pixels', 'qwen_image', 'flux2' or 'shapes_ae'")
     if vae_path is None:
-        raise ValueError(f"latents={kind!r} needs vae_path (a VAE folder or a pipeline folder with vae/)")
+        where = ("a folder written by `python -m data.autoencoder`" if kind == "shapes_ae"
+                 else "a VAE folder or a pipeline folder with vae/")
+        raise ValueError(f"latents={kind!r} needs vae_path ({where})")
     return vaes[kind].from_pretrained(vae_path, device=device, dtype=dtype)

@@ -98,6 +98,19 @@ _TRAIN_PROMPTS = (
     "an orange square above a purple circle",
 )
 
+# One shape alone, every colour and shape of pretraining (a purple triangle and an orange
+# circle included: held out of pairs only): can the model draw a thing at all.
+_ONE_SHAPE_PROMPTS = (
+    "a red circle",
+    "a green triangle",
+    "a blue square",
+    "a yellow circle",
+    "a purple triangle",
+    "an orange circle",
+    "a red square",
+    "a blue triangle",
+)
+
 # Eight two-shape prompts with a (held-out) pink circle, every relation, pink first and
 # second, each beside the colour its reference prompt uses instead of pink: one the
 # base knows, not already in the prompt, making a pretraining caption.
@@ -261,6 +274,10 @@ class ShapesWorld:
     def held_out_prompts(self) -> list[str]:
         """Eight fixed two-shape prompts that the training stream never produces."""
         return list(_HELD_OUT_PROMPTS)
+
+    def one_shape_prompts(self) -> list[str]:
+        """Eight fixed one-shape prompts (all in the training stream)."""
+        return list(_ONE_SHAPE_PROMPTS)
 
     def train_prompts_example(self) -> list[str]:
         """Eight fixed prompts from the training distribution (for sample grids)."""

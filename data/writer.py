@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--encoder", default=None,
                         help="Qwen3-VL folder, or a base run's shards/text_encoder; default: build the tiny demo "
                              "encoder into OUTPUT/text_encoder")
-    parser.add_argument("--latents", default="pixels", choices=["pixels", "qwen_image", "flux2"])
+    parser.add_argument("--latents", default="pixels", choices=["pixels", "shapes_ae", "qwen_image", "flux2"])
     parser.add_argument("--vae-path", default=None)
     parser.add_argument("--pixel-downsample", type=int, default=1, help="--latents pixels: average-pool factor")
     parser.add_argument("--text-len", type=int, default=512)

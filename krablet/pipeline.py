@@ -11,6 +11,14 @@ the ones the base model learned:
     python -m krablet.pipeline --input shapes-pink:2400:32 --output runs/demo/pink \
         --encoder runs/demo/shards/text_encoder ...
 
+With `--latents shapes_ae --vae-path DIR` the latents are the shapes world's own
+autoencoder (data/autoencoder.py). If DIR holds none yet, a `shards.train_autoencoder`
+job trains it first (settings: `--ae key=value ...`, AEConfig's fields) and every chunk
+job depends on it, so the demo's first step trains and caches the autoencoder too:
+
+    python -m krablet.pipeline --input shapes:4800:32 --output runs/demo/shards --resolution 32 \
+        --bucket-multiple 16 --latents shapes_ae --vae-path runs/demo/autoencoder
+
 Job keys are (output folder, chunk name, digest of the chunk's inputs and settings),
 so submitting the same ingestion twice adds nothing while another ingestion into the
 same folder is new work, and a chunk job re-run after a worker died rewrites the
@@ -32,23 +40,29 @@ from krablet.kinds import kind, require
 from krablet.queue import NewJob, ShardQueue, connect
 
 # Loading a text encoder (4B parameters in production) per job would dominate
-# the job, so each worker process keeps the ones it has built.
-_ENCODERS: dict[tuple, tuple] = {}
+# the job, so each worker process keeps the ones it has built. Only what loaded is
+# kept: a worker that met an autoencoder folder before its training job finished
+# raised then, and loads it afresh once it is there.
+_TEXT_ENCODERS: dict[tuple, object] = {}
+_LATENTS: dict[tuple, object] = {}
 
 
 def _encoders(p: dict):
     from data.latents import make_latents
     from data.text import TextEncoder
 
-    key = (p["encoder"], tuple(p["text_layers"]), p["text_len"], p["latents"], p.get("vae_path"),
-           p.get("pixel_downsample", 1), p.get("device", "cpu"))  # fmt: skip
-    if key not in _ENCODERS:
-        encoder = TextEncoder.from_pretrained(p["encoder"], layers=p["text_layers"], max_len=p["text_len"],
-                                              device=p.get("device", "cpu"))
-        latents = make_latents(p["latents"], p.get("vae_path"), device=p.get("device", "cpu"),
-                               pixel_downsample=p.get("pixel_downsample", 1))
-        _ENCODERS[key] = (latents, encoder)
-    return _ENCODERS[key]
+    device = p.get("device", "cpu")
+    text_key = (p["encoder"], tuple(p["text_layers"]), p["text_len"], device)
+    # vae_settings (shapes_ae): a folder retrained with other settings is another latent space.
+    latents_key = (p["latents"], p.get("vae_path"), p.get("pixel_downsample", 1), device,
+                   json.dumps(p.get("vae_settings"), sort_keys=True))
+    if latents_key not in _LATENTS:
+        _LATENTS[latents_key] = make_latents(p["latents"], p.get("vae_path"), device=device,
+                                             pixel_downsample=p.get("pixel_downsample", 1))
+    if text_key not in _TEXT_ENCODERS:
+        _TEXT_ENCODERS[text_key] = TextEncoder.from_pretrained(p["encoder"], layers=p["text_layers"],
+                                                               max_len=p["text_len"], device=device)
+    return _LATENTS[latents_key], _TEXT_ENCODERS[text_key]
 
 
 def _validate_chunk(p: dict) -> None:
@@ -65,6 +79,34 @@ def write_chunk_job(payload: dict, ctx) -> dict:
     return {"accepted": marker["accepted"], "rejects": marker["rejects"]}
 
 
+def _validate_autoencoder(p: dict) -> None:
+    from data.autoencoder import AEConfig
+
+    require(p, out=str, settings=dict)
+    AEConfig.from_dict(p["settings"])  # raises on unknown or invalid settings
+
+
+@kind("shards.train_autoencoder", validate=_validate_autoencoder)
+def train_autoencoder_job(payload: dict, ctx) -> dict:
+    """Train the shapes autoencoder into payload["out"] (a no-op if a worker already did)."""
+    import torch
+
+    from data.autoencoder import AEConfig, ensure_autoencoder
+
+    # Every other job of the ingestion waits for this one, so it may use the cores the
+    # pool split between its workers (small convolutions gain nothing past a few).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, min(4, os.cpu_count() or 1)))
+    try:
+        config = ensure_autoencoder(payload["out"], AEConfig.from_dict(payload["settings"]), log_every=500,
+                                    progress=lambda line: print(f"[autoencoder] {line}", flush=True))
+    finally:
+        torch.set_num_threads(threads)
+    report = config["reconstruction"]
+    return {"out": payload["out"], "seconds": config["training"]["seconds"], "mae": report["mae"],
+            "agreement": report["agreement"]}
+
+
 @kind("shards.index", validate=lambda p: require(p, out=str))
 def index_job(payload: dict, ctx) -> dict:
     index = build_index(payload["out"])
@@ -73,18 +115,43 @@ def index_job(payload: dict, ctx) -> dict:
 
 def ingest_jobs(inputs: str, out: str, encoder: str, chunk_size: int = 1000, text_len: int = 512,
                 text_layers: list[int] | None = None, latents: str = "pixels", vae_path: str | None = None,
-                pixel_downsample: int = 1, writer: WriterConfig | None = None, device: str = "cpu") -> list[NewJob]:
-    """The jobs that write `inputs` into shards at `out`: the chunk jobs, then the index job."""
+                pixel_downsample: int = 1, writer: WriterConfig | None = None, device: str = "cpu",
+                autoencoder=None) -> list[NewJob]:
+    """The jobs that write `inputs` into shards at `out`: the chunk jobs, then the index job.
+
+    latents="shapes_ae": if `vae_path` holds no trained autoencoder, a train job first
+    (settings `autoencoder`, a data.autoencoder.AEConfig; default: AEConfig at the writer's
+    resolution) that the chunk jobs depend on. A folder that holds one is used as it is.
+    """
     out = os.path.abspath(out)
+    writer = writer or WriterConfig()
+    pre: list[NewJob] = []
+    vae_settings = None
+    if latents == "shapes_ae":
+        from data.autoencoder import AEConfig, read_config
+
+        if not vae_path:
+            raise ValueError("latents='shapes_ae' needs vae_path: the autoencoder folder (trained there if absent)")
+        vae_path = os.path.abspath(vae_path)
+        trained = read_config(vae_path)
+        if trained is not None:
+            vae_settings = trained["settings"]
+        else:
+            vae_settings = asdict(autoencoder or AEConfig(resolution=writer.resolution))
+            pre.append(NewJob("shards.train_autoencoder", {"out": vae_path, "settings": vae_settings},
+                              key=f"autoencoder:{vae_path}:{_digest(vae_settings)}"))
     common = {"out": out, "encoder": os.path.abspath(encoder), "text_len": text_len,
               "text_layers": list(text_layers or [1, 2, 3, 4]), "latents": latents, "vae_path": vae_path,
-              "pixel_downsample": pixel_downsample, "writer": asdict(writer or WriterConfig()), "device": device}
+              "pixel_downsample": pixel_downsample, "writer": asdict(writer), "device": device}
+    if vae_settings is not None:  # the same keys whether this run trains the autoencoder or finds it
+        common["vae_settings"] = vae_settings
+    deps = tuple(j.key for j in pre)
     chunks = [NewJob("shards.write_chunk", payload := {**common, "chunk": c.to_json()},
-                     key=f"shards:{out}:{c.name}:{_digest(payload)}")
+                     key=f"shards:{out}:{c.name}:{_digest(payload)}", deps=deps)
               for c in list_chunks(inputs, chunk_size)]
     index = NewJob("shards.index", {"out": out}, key=f"shards:{out}:index:{_digest([j.key for j in chunks])}",
                    deps=tuple(j.key for j in chunks))
-    return chunks + [index]
+    return pre + chunks + [index]
 
 
 def _digest(value) -> str:
@@ -158,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-layers", type=int, nargs="+", default=None,
                    help="hidden states to tap (default: every layer of a shallow encoder, 1 2 3 4 for the "
                         "tiny one; 2 5 ... 35 for a 36-layer one)")
-    p.add_argument("--latents", default="pixels", choices=["pixels", "qwen_image", "flux2"])
-    p.add_argument("--vae-path", default=None)
+    p.add_argument("--latents", default="pixels", choices=["pixels", "qwen_image", "flux2", "shapes_ae"])
+    p.add_argument("--vae-path", default=None,
+                   help="VAE folder; for shapes_ae the autoencoder folder, trained by a job first if absent")
+    p.add_argument("--ae", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="--latents shapes_ae: settings of an autoencoder still to train (data/autoencoder.py "
+                        "AEConfig, e.g. downsample=8 channels=8 steps=3000); resolution defaults to --resolution")
     p.add_argument("--pixel-downsample", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="worker processes here (more can join from elsewhere)")
     p.add_argument("--dsn", action="append", help="shard DSN (repeat); default $KRABLET_DSNS, else embedded")
@@ -171,8 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                                                   ShapesWorld().all_captions())
     layers = args.text_layers or default_text_layers(encoder)
     writer = WriterConfig(resolution=args.resolution, bucket_multiple=args.bucket_multiple)
+    autoencoder = None
+    if args.latents == "shapes_ae":
+        from data.autoencoder import settings_from_args
+
+        autoencoder = settings_from_args(args.ae, resolution=args.resolution)
+    elif args.ae:
+        p.error("--ae applies to --latents shapes_ae only")
     jobs = ingest_jobs(args.input, args.output, encoder, args.chunk_size, args.text_len, layers, args.latents,
-                       args.vae_path, args.pixel_downsample, writer)
+                       args.vae_path, args.pixel_downsample, writer, autoencoder=autoencoder)
     with shard_dsns(args) as dsns:
         for dsn in dsns:
             migrate(dsn)
@@ -181,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             shards.submit(jobs)
         finally:
             shards.close()
-        print(f"submitted {len(jobs) - 1} chunk jobs + 1 index job; running {args.workers} workers until drained",
-              flush=True)
+        trains = sum(j.kind == "shards.train_autoencoder" for j in jobs)
+        print(f"submitted {'1 autoencoder job + ' if trains else ''}{len(jobs) - 1 - trains} chunk jobs + 1 index job; "
+              f"running {args.workers} workers until drained", flush=True)
         # A chunk job runs for seconds to minutes: claim one at a time so every worker gets work.
         # Encoders are multi-threaded: share the cores between the worker processes.
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.workers))))

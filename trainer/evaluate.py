@@ -5,9 +5,10 @@ against its caption, print the accuracies beside a baseline.
     python -m trainer.evaluate runs/pink_sft --prompts concept          # the fine-tuning target
     python -m trainer.evaluate runs/demo --lora runs/pink_lora:0.8 --prompts concept,held-out
 
-Prompt sets (`--prompts`, comma-separated; default held-out,training):
+Prompt sets (`--prompts`, comma-separated; default held-out,training,one-shape):
   held-out   the world's eight compositions pretraining never shows (data/shapes.py);
   training   eight prompts of the pretraining distribution;
+  one-shape  eight one-shape prompts, every colour and shape of pretraining;
   concept    `concept_prompts()` (pink, never in the pink SFT stream) and, as the set
              `concept-ref`, the same prompts with a colour pretraining knows in place of
              pink: how well the model draws those layouts at all;
@@ -42,7 +43,7 @@ from trainer.lora_io import parse_lora
 from trainer.model import K2DiT
 from trainer.sample import generate, grid_image
 
-PROMPT_SETS = ("held-out", "training", "concept", "concept-seen")
+PROMPT_SETS = ("held-out", "training", "one-shape", "concept", "concept-seen")
 CHECKS = ("colours", "shapes", "relation", "all_correct")
 
 
@@ -75,6 +76,8 @@ def prompt_sets(names: list[str], world) -> dict[str, list[str]]:
             sets[name] = world.held_out_prompts()
         elif name == "training":
             sets[name] = world.train_prompts_example()
+        elif name == "one-shape":
+            sets[name] = world.one_shape_prompts()
         elif name == "concept":
             sets["concept"], sets["concept-ref"] = concept_prompts(), concept_reference_prompts()
         else:
@@ -95,8 +98,8 @@ def _grid(rows: list[tuple[str, torch.Tensor, list[str]]], cell: int = 128) -> n
                            for s in strips])
 
 
-def evaluate(run_dir: str, seeds: int = 2, steps: int = 20, guidance: float = 3.0, live: bool = False,
-             prompts: list[str] = ("held-out", "training"), loras: list[tuple[str, float]] = ()) -> dict:
+def evaluate(run_dir: str, seeds: int = 4, steps: int = 20, guidance: float = 3.0, live: bool = False,
+             prompts: list[str] = ("held-out", "training", "one-shape"), loras: list[tuple[str, float]] = ()) -> dict:
     """Scores `run_dir` (and its baseline) on the prompt sets; writes eval.json / eval.png
     into it and returns the report: {"step", "weights", "baseline": label, label: scores,
     "trained": scores, ...}, scores being {set: {check: share of images}}."""
@@ -167,11 +170,11 @@ def evaluate(run_dir: str, seeds: int = 2, steps: int = 20, guidance: float = 3.
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--live", action="store_true", help="score the live weights instead of the EMA")
-    p.add_argument("--prompts", default="held-out,training",
+    p.add_argument("--prompts", default="held-out,training,one-shape",
                    help=f"comma-separated prompt sets: {', '.join(PROMPT_SETS)}")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA run's adapters (repeatable; scale 1 by default)")

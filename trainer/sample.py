@@ -220,7 +220,7 @@ def vae_latents(spec: str, device: torch.device):
 
     if spec == "pixels" or spec.startswith("pixels:"):
         return make_latents("pixels", pixel_downsample=int(spec.partition(":")[2] or 1))
-    kinds = {"AutoencoderKLQwenImage": "qwen_image", "AutoencoderKLFlux2": "flux2"}
+    kinds = {"AutoencoderKLQwenImage": "qwen_image", "AutoencoderKLFlux2": "flux2", "ShapesAutoencoder": "shapes_ae"}
     for config in (os.path.join(spec, "config.json"), os.path.join(spec, "vae", "config.json")):
         if os.path.exists(config):
             with open(config) as f:

@@ -96,7 +96,7 @@ def test_demo_path_krablet_ingestion_then_training_with_grids_and_evaluation(tmp
     run_dir = tmp_path / "runs" / "d"
     assert (run_dir / "samples" / "step_00000004.png").exists()
     report = evaluate(str(run_dir), seeds=1, steps=2)
-    assert report["step"] == 4 and set(report["trained"]) == {"held-out", "training"}
+    assert report["step"] == 4 and set(report["trained"]) == {"held-out", "training", "one-shape"}
     assert (run_dir / "eval.png").exists()
 
 
@@ -111,3 +111,97 @@ def test_job_keys_name_the_inputs_not_just_the_folder(tmp_path):
     other = [j.key for j in ingest_jobs("shapes-pink:20:32", out, enc, chunk_size=10)]
     assert len(first) == len(other) == 3 and not set(first) & set(other)
     assert all(k.startswith(f"shards:{os.path.abspath(out)}:") for k in first)
+
+
+# A few seconds of training: these tests check the plumbing, tests/data/test_autoencoder.py the quality.
+TINY_AE = dict(width=8, max_width=16, steps=30, batch_size=8, num_images=64, num_eval=8)
+
+
+def _ae_jobs(out, ae_dir, encoder):
+    from data.autoencoder import AEConfig
+    from data.writer import WriterConfig
+
+    return ingest_jobs("shapes:24:32", out, encoder, chunk_size=12, text_len=24, latents="shapes_ae",
+                       vae_path=ae_dir, writer=WriterConfig(resolution=32, bucket_multiple=16),
+                       autoencoder=AEConfig(**TINY_AE))
+
+
+def test_shapes_ae_ingestion_trains_the_autoencoder_once_as_a_job(make_shards, tmp_path, tiny_encoder_dir):
+    import torch
+
+    from data.autoencoder import read_config
+    from data.latents import ShapesAELatents, images_from_uint8
+    from data.shapes import ShapesWorld
+    from data.shard_loader import ShardIndex, ShardReader
+
+    dsns = make_shards(1)
+    out, ae_dir = str(tmp_path / "shards"), str(tmp_path / "ae")
+    jobs = _ae_jobs(out, ae_dir, tiny_encoder_dir)
+    assert [j.kind for j in jobs] == ["shards.train_autoencoder"] + ["shards.write_chunk"] * 2 + ["shards.index"]
+    train = jobs[0]
+    assert train.key == _ae_jobs(out, ae_dir, tiny_encoder_dir)[0].key  # deterministic, from the settings
+    assert train.key.startswith(f"autoencoder:{ae_dir}:") and all(j.deps == (train.key,) for j in jobs[1:3])
+    shards = ShardSet(dsns)
+    shards.submit(jobs)
+    shards.close()
+    assert run_pool(WorkerConfig(dsns, drain=True, kind_modules=["krablet.pipeline"]), 2) == 0
+    with psycopg.connect(dsns[0]) as conn:
+        rows = conn.execute("SELECT kind, state, attempts, result FROM krablet_job_states ORDER BY kind").fetchall()
+    assert [r[:3] for r in rows] == [("shards.index", "done", 1), ("shards.train_autoencoder", "done", 1),
+                                     ("shards.write_chunk", "done", 1), ("shards.write_chunk", "done", 1)]
+    trained = read_config(ae_dir)
+    assert rows[1][3]["mae"] == trained["reconstruction"]["mae"]
+    index, members = _keys(out)
+    assert index["total"] == 24 and index["latents"] == {"kind": "shapes_ae", "channels": 4, "downsample": 4}
+
+    # What the chunk jobs stored is the trained autoencoder's encoding of each image.
+    latents = ShapesAELatents.from_pretrained(ae_dir)
+    reader = ShardReader(ShardIndex(out), 24)
+    for i in (0, 23):
+        record, arrays = reader.sample(i)
+        image, caption = ShapesWorld(32).sample(int(record["source"].rsplit("/", 1)[1]))
+        direct = latents.encode(images_from_uint8(torch.from_numpy(image)[None]))[0]
+        assert record["caption"] == caption
+        torch.testing.assert_close(torch.from_numpy(arrays["latent"]).float(), direct, rtol=2.0 ** -10, atol=1e-4)
+
+    # Once the folder holds it, an ingestion trains nothing and its chunk keys are the ones already done.
+    again = _ae_jobs(out, ae_dir, tiny_encoder_dir)
+    assert [j.kind for j in again] == ["shards.write_chunk"] * 2 + ["shards.index"]
+    assert [j.key for j in again] == [j.key for j in jobs[1:]] and not any(j.deps for j in again[:2])
+
+
+def test_worker_encoder_cache_loads_the_autoencoder_once_its_job_is_done(tmp_path, tiny_encoder_dir):
+    """A worker that met the folder before the autoencoder existed must not keep that failure."""
+    from data.latents import ShapesAELatents
+    from krablet.pipeline import _encoders, train_autoencoder_job
+
+    train, chunk = _ae_jobs(str(tmp_path / "shards"), str(tmp_path / "ae"), tiny_encoder_dir)[:2]
+    with pytest.raises(ValueError, match="no trained shapes autoencoder"):
+        _encoders(chunk.payload)
+    assert train_autoencoder_job(train.payload, None)["out"] == str(tmp_path / "ae")
+    latents, encoder = _encoders(chunk.payload)
+    assert isinstance(latents, ShapesAELatents) and latents.channels == 4
+    assert _encoders(chunk.payload) == (latents, encoder)  # cached from now on
+
+
+def test_pipeline_cli_with_shapes_ae_latents(tmp_path):
+    import subprocess
+    import sys
+
+    from krablet_test_helpers import ROOT
+
+    out, ae_dir = tmp_path / "shards", tmp_path / "ae"
+    cmd = [sys.executable, "-m", "krablet.pipeline", "--input", "shapes:16:32", "--output", str(out),
+           "--chunk-size", "8", "--resolution", "32", "--bucket-multiple", "16", "--text-len", "24",
+           "--latents", "shapes_ae", "--vae-path", str(ae_dir), "--ae", *(f"{k}={v}" for k, v in TINY_AE.items()),
+           "--workers", "2", "--run-dir", str(tmp_path / "krablet")]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("KRABLET_DSNS", None)
+    env.pop("SLURM_JOB_ID", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "submitted 1 autoencoder job + 2 chunk jobs + 1 index job" in proc.stdout
+    assert "jobs done 4/4" in proc.stdout and "[autoencoder] step 30/30" in proc.stdout
+    index, members = _keys(out)
+    assert index["total"] == 16 and index["latents"]["kind"] == "shapes_ae"
+    assert json.loads((ae_dir / "config.json").read_text())["settings"]["steps"] == 30

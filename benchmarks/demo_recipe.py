@@ -1,0 +1,121 @@
+"""Demo base-model recipes, trained and scored side by side: what each choice does to the
+shapes-world accuracies (docs/DEMO_RECIPE.md).
+
+Each recipe is one `trainer.train` run on the on-the-fly shapes stream (`data=shapes`,
+the same images the demo's shards hold) in the autoencoder's latent space, then
+`trainer.evaluate` (held-out compositions, training prompts and one-shape prompts, 4
+seeds each). Runs go `--parallel` at a time, each process on `--threads` CPU threads
+(2 mimics the demo's 2-core laptop) or on the GPU (`--device cuda`, where a recipe's
+accuracies are the same and the run is quicker; its CPU time is measured separately
+with `--time-steps`).
+
+    python benchmarks/demo_recipe.py --vae runs/demo/shards/autoencoder --recipes base wide
+    python benchmarks/demo_recipe.py --vae DIR --device cuda --parallel 6 --recipes all
+    python benchmarks/demo_recipe.py --vae DIR --time-steps 30 --recipes base    # s/step on this CPU
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+COMMON = ["data=shapes", "data.latents=shapes_ae", "data.image_size=32", "data.text_len=24", "model=debug",
+          "model.patch_size=1", "model.latent_channels=4", "log.every=50", "log.sample_every=0", "log.tensorboard=false", "checkpoint.every=100000",
+          "checkpoint.keep=1", "optimizer.warmup_steps=100", "optimizer.min_lr_ratio=0.05"]
+# name -> overrides on top of COMMON
+RECIPES = {
+    "base": ["stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=1e-3", "stage.ema_decay=0.995"],
+    "small": ["stage.steps=3000", "stage.global_batch_size=16", "optimizer.lr=1.5e-3", "stage.ema_decay=0.995",
+              "model.dim=256", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_hidden=768",
+              "model.num_blocks=6", "model.rope_axes=[16,24,24]"],
+    "small_b32": ["stage.steps=1500", "stage.global_batch_size=32", "optimizer.lr=2e-3", "stage.ema_decay=0.995",
+                  "model.dim=256", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_hidden=768",
+                  "model.num_blocks=6", "model.rope_axes=[16,24,24]"],
+    "base_lr3": ["stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=3e-3", "stage.ema_decay=0.995"],
+    "base_shift": ["stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=1e-3", "stage.ema_decay=0.995",
+                   "stage.flow.mu=0"],
+    "base_3k": ["stage.steps=3000", "stage.global_batch_size=16", "optimizer.lr=1e-3", "stage.ema_decay=0.995"],
+    "small_p2": ["stage.steps=2000", "stage.global_batch_size=32", "optimizer.lr=2e-3", "stage.ema_decay=0.995",
+                 "model.patch_size=2", "model.dim=256", "model.num_heads=4", "model.num_kv_heads=2",
+                 "model.mlp_hidden=768", "model.num_blocks=6", "model.rope_axes=[16,24,24]"],
+    "tiny_fast": ["stage.steps=4000", "stage.global_batch_size=16", "optimizer.lr=2e-3", "stage.ema_decay=0.995",
+                  "model.dim=192", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_hidden=512",
+                  "model.num_blocks=6", "model.rope_axes=[8,20,20]"],
+}
+
+
+def run_one(name: str, overrides: list[str], a) -> dict:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=path, PYTHONUNBUFFERED="1")
+    env.pop("SLURM_JOB_ID", None)
+    run_dir = Path(a.root) / name
+    batch = next(o.split("=")[1] for o in overrides if o.startswith("stage.global_batch_size="))
+    args = [*COMMON, f"data.vae_path={a.vae}", f"stage.micro_batch_size={batch}", *overrides, f"run_root={a.root}", f"name={name}", f"device={a.device}"]
+    if a.time_steps:
+        args += [f"stage.steps={a.time_steps}", "log.every=1"]
+    t0 = time.perf_counter()
+    with open(Path(a.root) / f"{name}.out", "w") as out:
+        rc = subprocess.run([sys.executable, "-m", "trainer.train", *args], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT).returncode
+    train_s = time.perf_counter() - t0
+    row = {"recipe": name, "overrides": overrides, "rc": rc, "train_s": round(train_s, 1)}
+    if rc != 0:
+        return row
+    with open(run_dir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    row["final_loss"] = rows[-1]["loss"]
+    steady = [r["step_s"] for r in rows[len(rows) // 3:]] or [rows[-1]["step_s"]]
+    row["step_s"] = sorted(steady)[len(steady) // 2]
+    if a.time_steps:
+        return row
+    with open(Path(a.root) / f"{name}.eval", "w") as out:
+        subprocess.run([sys.executable, "-m", "trainer.evaluate", str(run_dir), "--seeds", str(a.seeds)], cwd=ROOT,
+                       env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+    with open(run_dir / "eval.json") as f:
+        row["scores"] = json.load(f)["trained"]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", required=True, help="the shapes autoencoder folder (python -m data.autoencoder)")
+    p.add_argument("--recipes", nargs="+", default=["base"], help=f"names of {list(RECIPES)} or 'all'")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--time-steps", type=int, default=0, help="only time this many steps per recipe (no eval)")
+    p.add_argument("--root", default="/tmp/k2_demo_recipes")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo_recipe.json"))
+    a = p.parse_args()
+    names = list(RECIPES) if a.recipes == ["all"] else a.recipes
+    os.makedirs(a.root, exist_ok=True)
+    with ThreadPoolExecutor(a.parallel) as pool:
+        results = list(pool.map(lambda n: run_one(n, RECIPES[n], a), names))
+    print(f"| recipe | steps×batch | s/step | train s | loss | held-out c/s/r/all | training all | one-shape all |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |")
+    for r in results:
+        if r["rc"] != 0:
+            print(f"| {r['recipe']} | failed (rc {r['rc']}, see {a.root}/{r['recipe']}.out) |")
+            continue
+        s = r.get("scores")
+        ho = s and s["held-out"]
+        cells = (f"{ho['colours']:.0%}/{ho['shapes']:.0%}/{ho['relation']:.0%}/{ho['all_correct']:.0%} | "
+                 f"{s['training']['all_correct']:.0%} | {s['one-shape']['all_correct']:.0%}") if s else "- | - | -"
+        shape = next((o.split("=")[1] for o in r["overrides"] if o.startswith("stage.steps=")), "?") + "×" + next(
+            (o.split("=")[1] for o in r["overrides"] if o.startswith("stage.global_batch_size=")), "?")
+        print(f"| {r['recipe']} | {shape} | {r['step_s']:.3f} | {r['train_s']:.0f} | {r['final_loss']:.3f} | {cells} |")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"device": a.device, "threads": a.threads, "parallel": a.parallel, "date": time.strftime("%Y-%m-%d"),
+                   "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
