@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The demo: sets up .venv if needed, then
-#   ingest    Krablet ingestion: `krablet.pipeline` submits one shard-writing job per
-#             chunk of the shapes world plus an index job that depends on them, to an
-#             embedded PostgreSQL in runs/<name>/krablet, and drains them with 2 workers;
-#   pretrain  trains the debug model on those shards on CPU;
+#   ingest    Krablet ingestion: `krablet.pipeline` submits a job that trains the shapes
+#             autoencoder (runs/<name>/autoencoder, the latent space), one shard-writing
+#             job per chunk of the shapes world that depends on it, and an index job that
+#             depends on those, to an embedded PostgreSQL in runs/<name>/krablet, and
+#             drains them with 2 workers;
+#   pretrain  trains the demo model on those shards on CPU;
 #   evaluate  scores what it learned against the untrained model;
 #   concept   Krablet writes shards of a colour pretraining never saw ("pink"), training
 #             and held-out validation sets, with the base's own text encoder;
@@ -22,14 +24,14 @@ py="${K2_VENV:-$root/.venv}/bin/python"
 name=demo
 for arg in "$@"; do [[ "$arg" == name=* ]] && name="${arg#name=}"; done
 stages="${K2_DEMO_STAGES:-ingest pretrain evaluate concept lora compare}"
-samples="${K2_DEMO_SAMPLES:-9600}"  # 600 steps x batch 16: one epoch
-write=(--chunk-size 1200 --resolution 32 --bucket-multiple 16 --pixel-downsample 2 --text-len 24 --workers 2
-       --run-dir "runs/$name/krablet")
+samples="${K2_DEMO_SAMPLES:-16000}"  # 1600 steps x batch 32: about three epochs
+write=(--chunk-size 2000 --resolution 32 --bucket-multiple 16 --latents shapes_ae --vae-path "runs/$name/autoencoder"
+       --text-len 16 --workers 2 --run-dir "runs/$name/krablet")
 run() { [[ " $stages " == *" $1 "* ]]; }
 
 run ingest && "$py" -m krablet.pipeline --input "shapes:$samples:32" --output "runs/$name/shards" "${write[@]}"
 run pretrain && "$py" -m trainer.train experiment=demo "$@"
-run evaluate && "$py" -m trainer.evaluate "runs/$name"
+run evaluate && "$py" -m trainer.evaluate "runs/$name" --seeds 4
 if run concept; then
   "$py" -m krablet.pipeline --input "shapes-pink-mix:4800:32" --output "runs/$name/shards_pink" \
     --encoder "runs/$name/shards/text_encoder" "${write[@]}"

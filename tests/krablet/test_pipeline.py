@@ -73,21 +73,24 @@ def test_demo_path_krablet_ingestion_then_training_with_grids_and_evaluation(tmp
     from trainer.evaluate import evaluate
 
     out = tmp_path / "runs" / "d" / "shards"
+    # The demo's flags (scripts/demo.sh), with a briefly trained autoencoder.
     cmd = [sys.executable, "-m", "krablet.pipeline", "--input", "shapes:48:32", "--output", str(out),
-           "--chunk-size", "16", "--resolution", "32", "--bucket-multiple", "16", "--pixel-downsample", "2",
-           "--text-len", "24", "--workers", "2", "--run-dir", str(tmp_path / "krablet")]
+           "--chunk-size", "16", "--resolution", "32", "--bucket-multiple", "16", "--latents", "shapes_ae",
+           "--vae-path", str(tmp_path / "runs" / "d" / "autoencoder"), "--ae", "steps=30", "num_images=256",
+           "num_eval=32", "--text-len", "16", "--workers", "2", "--run-dir", str(tmp_path / "krablet")]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("KRABLET_DSNS", None)
     env.pop("SLURM_JOB_ID", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "jobs done 4/4" in proc.stdout  # 3 chunk jobs + the index job, with progress lines
+    assert "jobs done 5/5" in proc.stdout  # the autoencoder, 3 chunk jobs, the index job, with progress lines
     index, members = _keys(out)
-    assert index["total"] == 48 and len(members) == 48 and index["latents"]["downsample"] == 2
+    assert index["total"] == 48 and len(members) == 48 and index["latents"]["kind"] == "shapes_ae"
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and _keys(out)[1] == members  # a rerun redoes nothing
 
-    train = [sys.executable, "-m", "trainer.train", "experiment=demo", "model=tiny", "name=d",
+    train = [sys.executable, "-m", "trainer.train", "experiment=demo", "model=tiny", "model.latent_channels=4",
+             "model.patch_size=2", "name=d",
              f"run_root={tmp_path / 'runs'}", "stage.steps=4", "stage.global_batch_size=8", "stage.micro_batch_size=8",
              "data.num_workers=0", "checkpoint.every=4", "log.sample_every=4", "log.sample_steps=2",
              "log.tensorboard=false"]
