@@ -156,6 +156,7 @@ def test_pretraining_run_is_compared_with_the_untrained_model(tmp_path, encoder_
     report = ev.evaluate(run, seeds=1, steps=1, live=True)
     assert stub_weights == [(run, "model", ())]  # the untrained model is built, not loaded
     assert report["baseline"] == "untrained" and report["weights"] == "model" and report["step"] == 12
-    assert set(report["trained"]) == {"held-out", "training"}  # today's default sets
-    assert report["untrained"] == {"held-out": NONE, "training": {**NONE, "relation": 0.375}}  # 3 one-shape prompts
-    assert report["trained"] == {"held-out": ALL, "training": ALL}
+    assert set(report["trained"]) == {"held-out", "training", "one-shape"}  # today's default sets
+    assert report["untrained"] == {"held-out": NONE, "training": {**NONE, "relation": 0.375},  # 3 one-shape prompts
+                                   "one-shape": {**NONE, "relation": 1.0}}  # no relation to get wrong
+    assert report["trained"] == {"held-out": ALL, "training": ALL, "one-shape": ALL}
