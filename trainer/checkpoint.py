@@ -196,7 +196,7 @@ class Checkpointer:
     def _publish(self, partial: str, final: str) -> None:
         self.d.barrier()
         t0 = time.perf_counter()
-        checksums.record(partial, self.d.rank, self.d.world_size)  # DCP fsyncs its own files
+        checksums.record(partial, self.d)  # DCP fsyncs its own files
         if self.d.is_main:
             _fsync_dir(partial)
             os.rename(partial, final)
@@ -211,7 +211,7 @@ class Checkpointer:
         All ranks call this together and get the same answer."""
         path = self.path(step)
         try:
-            found = checksums.verify(path, self.d.rank, self.d.world_size)
+            found = checksums.verify(path, self.d)
         except checksums.ChecksumError as e:
             found = [str(e)]
         return self.d.from_main(found + _readable(path) if self.d.is_main else None)

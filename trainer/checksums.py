@@ -55,14 +55,11 @@ def _hash_share(folder: str, jobs: list[tuple[str, int]], block: int, rank: int,
     return dict(zip(mine, digests))
 
 
-def _gather(parts: dict, world_size: int) -> dict:
-    if world_size == 1:
+def _gather(parts: dict, d) -> dict:
+    """Every rank's digests on every rank (`d`: trainer.parallel.Dist, None for one process)."""
+    if d is None or d.world_size == 1:
         return parts
-    import torch.distributed as dist
-
-    every = [None] * world_size
-    dist.all_gather_object(every, parts)
-    return {k: v for part in every for k, v in part.items()}
+    return {k: v for part in d.all_objects(parts) for k, v in part.items()}
 
 
 def default_threads(world_size: int = 1) -> int:
@@ -71,14 +68,15 @@ def default_threads(world_size: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
-def record(folder: str, rank: int = 0, world_size: int = 1, threads: int | None = None) -> dict:
+def record(folder: str, d=None, threads: int | None = None) -> dict:
     """Hashes every file in `folder` (all ranks call this together) and, on rank 0, writes
     and fsyncs checksums.json. Returns the manifest."""
     sizes = {n: os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
              if n != MANIFEST and os.path.isfile(os.path.join(folder, n))}
+    rank, world_size = (d.rank, d.world_size) if d is not None else (0, 1)
     jobs = _jobs(sizes, BLOCK_BYTES)
     digests = _gather(_hash_share(folder, jobs, BLOCK_BYTES, rank, world_size,
-                                  threads or default_threads(world_size)), world_size)
+                                  threads or default_threads(world_size)), d)
     manifest = {"algorithm": ALGORITHM, "block_bytes": BLOCK_BYTES,
                 "files": {n: {"bytes": sizes[n], "blocks": [digests[(m, b)] for m, b in jobs if m == n]}
                           for n in sorted(sizes)}}
@@ -105,7 +103,7 @@ def read_manifest(folder: str) -> dict | None:
     return manifest
 
 
-def verify(folder: str, rank: int = 0, world_size: int = 1, threads: int | None = None) -> list[str]:
+def verify(folder: str, d=None, threads: int | None = None) -> list[str]:
     """Problems found in `folder` against its checksums.json, one line per file (empty: all
     good). All ranks call this together and get the same list. Raises ChecksumError if
     checksums.json is unreadable; a folder without one gives [] (nothing to check)."""
@@ -124,9 +122,9 @@ def verify(folder: str, rank: int = 0, world_size: int = 1, threads: int | None 
             sizes[name] = entry["bytes"]
     known = set(files) | {MANIFEST}
     problems += [f"{n}: not in {MANIFEST}" for n in sorted(os.listdir(folder)) if n not in known]
+    rank, world_size = (d.rank, d.world_size) if d is not None else (0, 1)
     jobs = _jobs(sizes, block)
-    digests = _gather(_hash_share(folder, jobs, block, rank, world_size, threads or default_threads(world_size)),
-                      world_size)
+    digests = _gather(_hash_share(folder, jobs, block, rank, world_size, threads or default_threads(world_size)), d)
     bad = {}
     for name, b in jobs:
         if digests[(name, b)] != files[name]["blocks"][b]:

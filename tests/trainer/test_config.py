@@ -171,7 +171,10 @@ def test_out_of_range_value_is_named(tiny, key, value):
 
 def test_the_tiny_config_itself_validates(tiny):
     tiny.validate(world_size=1)  # so each case above fails on its own key alone
-    copy.deepcopy(tiny).validate(world_size=2)  # micro batch 4 x 2 ranks = global 8
+    assert tiny.accumulation(1) == 2  # global 8 = micro 4 x 2 accumulation steps
+    two = copy.deepcopy(tiny)
+    two.validate(world_size=2)
+    assert two.accumulation(2) == 1  # micro batch 4 x 2 ranks = global 8
 
 
 def test_unknown_keys_are_found_at_any_depth_but_a_dict_field_takes_any_key():
