@@ -25,28 +25,50 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COMMON = ["data=shapes", "data.latents=shapes_ae", "data.image_size=32", "data.text_len=24", "model=debug",
-          "model.patch_size=1", "model.latent_channels=4", "log.every=50", "log.sample_every=0", "log.tensorboard=false", "checkpoint.every=100000",
-          "checkpoint.keep=1", "optimizer.warmup_steps=100", "optimizer.min_lr_ratio=0.05"]
+COMMON = ["data=shapes", "data.latents=shapes_ae", "log.every=50", "log.sample_every=0", "log.tensorboard=false",
+          "checkpoint.every=100000", "checkpoint.keep=1", "optimizer.warmup_steps=100", "optimizer.min_lr_ratio=0.05"]
+# The first sweep's base: the debug model at patch 1 (64 image tokens), 24 text tokens.
+DEBUG = ["model=debug", "model.patch_size=1", "model.latent_channels=4", "data.image_size=32", "data.text_len=24"]
+SMALL = ["model.dim=256", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_hidden=768", "model.num_blocks=6",
+         "model.rope_axes=[16,24,24]"]
+# What `experiment=demo` trains: the demo model (patch 2: 16 image tokens), 16 text tokens.
+DEMO = ["model=demo", "data.image_size=32", "data.text_len=16", "stage.ema_decay=0.995"]
+# The same at 64 px in the 64 px autoencoder's space (16x16x4: 64 image tokens at patch 2) ...
+DEMO64 = ["model=demo", "data.image_size=64", "data.text_len=16", "stage.ema_decay=0.995", "data.vae_path={vae64}"]
+# ... and in a 64 px, 8x, 8-channel one (8x8x8: 16 image tokens, as many as the demo's).
+DEMO64X8 = ["model=demo", "model.latent_channels=8", "data.image_size=64", "data.text_len=16", "stage.ema_decay=0.995",
+            "data.vae_path={vae64x8}"]
+D192 = ["model.dim=192", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_hidden=512", "model.rope_axes=[8,20,20]"]
 # name -> overrides on top of COMMON
 RECIPES = {
-    "base": ["stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=1e-3", "stage.ema_decay=0.995"],
-    "small": ["stage.steps=3000", "stage.global_batch_size=16", "optimizer.lr=1.5e-3", "stage.ema_decay=0.995",
-              "model.dim=256", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_hidden=768",
-              "model.num_blocks=6", "model.rope_axes=[16,24,24]"],
-    "small_b32": ["stage.steps=1500", "stage.global_batch_size=32", "optimizer.lr=2e-3", "stage.ema_decay=0.995",
-                  "model.dim=256", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_hidden=768",
-                  "model.num_blocks=6", "model.rope_axes=[16,24,24]"],
-    "base_lr3": ["stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=3e-3", "stage.ema_decay=0.995"],
-    "base_shift": ["stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=1e-3", "stage.ema_decay=0.995",
-                   "stage.flow.mu=0"],
-    "base_3k": ["stage.steps=3000", "stage.global_batch_size=16", "optimizer.lr=1e-3", "stage.ema_decay=0.995"],
-    "small_p2": ["stage.steps=2000", "stage.global_batch_size=32", "optimizer.lr=2e-3", "stage.ema_decay=0.995",
-                 "model.patch_size=2", "model.dim=256", "model.num_heads=4", "model.num_kv_heads=2",
-                 "model.mlp_hidden=768", "model.num_blocks=6", "model.rope_axes=[16,24,24]"],
-    "tiny_fast": ["stage.steps=4000", "stage.global_batch_size=16", "optimizer.lr=2e-3", "stage.ema_decay=0.995",
-                  "model.dim=192", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_hidden=512",
-                  "model.num_blocks=6", "model.rope_axes=[8,20,20]"],
+    "base": [*DEBUG, "stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=1e-3", "stage.ema_decay=0.995"],
+    "small": [*DEBUG, *SMALL, "stage.steps=3000", "stage.global_batch_size=16", "optimizer.lr=1.5e-3",
+              "stage.ema_decay=0.995"],
+    "small_b32": [*DEBUG, *SMALL, "stage.steps=1500", "stage.global_batch_size=32", "optimizer.lr=2e-3",
+                  "stage.ema_decay=0.995"],
+    "base_lr3": [*DEBUG, "stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=3e-3", "stage.ema_decay=0.995"],
+    "base_shift": [*DEBUG, "stage.steps=1500", "stage.global_batch_size=16", "optimizer.lr=1e-3",
+                   "stage.ema_decay=0.995", "stage.flow.mu=0"],
+    "base_3k": [*DEBUG, "stage.steps=3000", "stage.global_batch_size=16", "optimizer.lr=1e-3", "stage.ema_decay=0.995"],
+    "demo": [*DEMO, "stage.steps=1600", "stage.global_batch_size=32", "optimizer.lr=2e-3"],
+    "demo_3k": [*DEMO, "stage.steps=3200", "stage.global_batch_size=32", "optimizer.lr=2e-3"],
+    "demo_lr3": [*DEMO, "stage.steps=1600", "stage.global_batch_size=32", "optimizer.lr=3e-3"],
+    "demo_mu0": [*DEMO, "stage.steps=1600", "stage.global_batch_size=32", "optimizer.lr=2e-3", "stage.flow.mu=0"],
+    "demo_p1": [*DEMO, "model.patch_size=1", "stage.steps=1600", "stage.global_batch_size=16", "optimizer.lr=1.5e-3"],
+    "demo64": [*DEMO64, "stage.steps=1600", "stage.global_batch_size=16", "optimizer.lr=1.5e-3"],
+    "demo64_3k": [*DEMO64, "stage.steps=3200", "stage.global_batch_size=32", "optimizer.lr=2e-3"],
+    "demo_3k_lr3": [*DEMO, "stage.steps=3200", "stage.global_batch_size=32", "optimizer.lr=3e-3"],
+    "demo_3k_ema999": [*DEMO, "stage.steps=3200", "stage.global_batch_size=32", "optimizer.lr=3e-3",
+                       "stage.ema_decay=0.999"],
+    "demo_2k_b48": [*DEMO, "stage.steps=2200", "stage.global_batch_size=48", "optimizer.lr=3e-3"],
+    "d192_5k": [*DEMO, *D192, "stage.steps=5000", "stage.global_batch_size=32", "optimizer.lr=3e-3"],
+    "b4_5k": [*DEMO, "model.num_blocks=4", "stage.steps=4800", "stage.global_batch_size=32", "optimizer.lr=3e-3"],
+    "demo64x8_3k": [*DEMO64X8, "stage.steps=3200", "stage.global_batch_size=32", "optimizer.lr=3e-3"],
+    # Within the demo's CPU budget (2800 steps at batch 32, or as many samples at batch 48).
+    "x8_2800": [*DEMO64X8, "stage.steps=2800", "stage.global_batch_size=32", "optimizer.lr=3e-3"],
+    "x8_2800_lr2": [*DEMO64X8, "stage.steps=2800", "stage.global_batch_size=32", "optimizer.lr=2e-3"],
+    "x8_1900_b48": [*DEMO64X8, "stage.steps=1900", "stage.global_batch_size=48", "optimizer.lr=3e-3"],
+    "demo_2800": [*DEMO, "stage.steps=2800", "stage.global_batch_size=32", "optimizer.lr=3e-3"],
 }
 
 
@@ -56,7 +78,13 @@ def run_one(name: str, overrides: list[str], a) -> dict:
     env.pop("SLURM_JOB_ID", None)
     run_dir = Path(a.root) / name
     batch = next(o.split("=")[1] for o in overrides if o.startswith("stage.global_batch_size="))
-    args = [*COMMON, f"data.vae_path={a.vae}", f"stage.micro_batch_size={batch}", *overrides, f"run_root={a.root}", f"name={name}", f"device={a.device}"]
+    for key, folder in (("{vae64}", a.vae64), ("{vae64x8}", a.vae64x8)):
+        if any(key in o for o in overrides) and not folder:
+            raise SystemExit(f"recipe {name} needs --{key[1:-1]} (python -m data.autoencoder --out DIR --resolution 64 ...)")
+        overrides = [o.replace(key, folder or "") for o in overrides]
+    vae = [] if any(o.startswith("data.vae_path=") for o in overrides) else [f"data.vae_path={a.vae}"]
+    args = [*COMMON, *vae, f"stage.micro_batch_size={batch}", *overrides, f"run_root={a.root}", f"name={name}",
+            f"device={a.device}"]
     if a.time_steps:
         args += [f"stage.steps={a.time_steps}", "log.every=1"]
     t0 = time.perf_counter()
@@ -66,6 +94,9 @@ def run_one(name: str, overrides: list[str], a) -> dict:
     train_s = time.perf_counter() - t0
     row = {"recipe": name, "overrides": overrides, "rc": rc, "train_s": round(train_s, 1)}
     if rc != 0:
+        with open(Path(a.root) / f"{name}.out") as f:
+            row["log_tail"] = f.read()[-2000:]
+        print(f"{name} failed (rc {rc}):\n{row['log_tail']}", flush=True)
         return row
     with open(run_dir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
@@ -85,6 +116,8 @@ def run_one(name: str, overrides: list[str], a) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", required=True, help="the shapes autoencoder folder (python -m data.autoencoder)")
+    p.add_argument("--vae64", help="the 64 px autoencoder folder, for the demo64 recipes")
+    p.add_argument("--vae64x8", help="a 64 px, 8x, 8-channel autoencoder folder, for the demo64x8 recipes")
     p.add_argument("--recipes", nargs="+", default=["base"], help=f"names of {list(RECIPES)} or 'all'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)

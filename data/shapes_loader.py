@@ -11,9 +11,12 @@ same global batch) a matter of setting one counter.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -109,27 +112,64 @@ class ShapesLoader:
         self.micro_step = samples_seen // self.global_batch_size
 
 
-def ensure_tiny_encoder(path: str | os.PathLike, texts: list[str]) -> str:
-    """Build the tiny text encoder at `path` once; later (or concurrent) callers reuse it.
+# Bump when build_tiny_encoder changes what it makes: cached copies of older builds are then ignored.
+TINY_ENCODER_VERSION = 3
 
-    Each caller that finds nothing builds into a private temp folder next to `path` and
-    renames it into place. rename is atomic, so `path` is either absent or complete; a
-    loser of the race (rename onto a non-empty folder fails) throws its copy away, which
-    loses nothing because the build is deterministic.
+
+def tiny_encoder_cache() -> Path:
+    """Where built tiny encoders are kept for reuse: $K2_CACHE_DIR, else ~/.cache/k2train."""
+    root = os.environ.get("K2_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "k2train")
+    return Path(root) / "tiny_encoders"
+
+
+def _publish(path: Path, fill) -> None:
+    """Make folder `path` by `fill(tmp)` into a private temp folder and an atomic rename.
+
+    rename is atomic, so `path` is either absent or complete; a loser of a race (rename
+    onto a non-empty folder fails) throws its copy away, which loses nothing because
+    every filler makes the same contents.
     """
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").exists():
-        return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
-        build_tiny_encoder(tmp, texts, seed=0)
+        fill(tmp)
         os.rename(tmp, path)
     except OSError:
         if not (path / "config.json").exists():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_tiny_encoder(path: str | os.PathLike, texts: list[str], progress=print) -> str:
+    """Build the tiny text encoder at `path` once; later (or concurrent) callers reuse it.
+
+    Building trains it for ~30 s (`build_tiny_encoder`), so each distinct build (texts,
+    seed, version) is also kept in `tiny_encoder_cache()` and later runs copy it from
+    there: every run folder still holds its own copy.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return str(path)
+    key = hashlib.sha256(json.dumps({"texts": sorted(set(texts)), "seed": 0, "version": TINY_ENCODER_VERSION},
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    cached = tiny_encoder_cache() / key
+
+    def build(tmp):
+        t0 = time.perf_counter()
+        progress(f"building the tiny text encoder ({len(set(texts))} texts; trained for up to ~30 s) for {path}")
+        build_tiny_encoder(tmp, texts, seed=0)
+        report = json.loads((Path(tmp) / "training.json").read_text())
+        progress(f"tiny text encoder built in {time.perf_counter() - t0:.0f} s: {report['steps']} steps, "
+                 f"slot accuracy {report['slot_accuracy']:.1%}")
+
+    if not (cached / "config.json").exists():
+        try:
+            _publish(cached, build)
+        except OSError:  # an unwritable cache: build in place instead
+            _publish(path, build)
+            return str(path)
+    _publish(path, lambda tmp: shutil.copytree(cached, tmp, dirs_exist_ok=True))
     return str(path)
 
 

@@ -24,7 +24,7 @@ py="${K2_VENV:-$root/.venv}/bin/python"
 name=demo
 for arg in "$@"; do [[ "$arg" == name=* ]] && name="${arg#name=}"; done
 stages="${K2_DEMO_STAGES:-ingest pretrain evaluate concept lora compare}"
-samples="${K2_DEMO_SAMPLES:-16000}"  # 1600 steps x batch 32: about three epochs
+samples="${K2_DEMO_SAMPLES:-24000}"  # 2800 steps x batch 32: under four epochs
 write=(--chunk-size 2000 --resolution 32 --bucket-multiple 16 --latents shapes_ae --vae-path "runs/$name/autoencoder"
        --text-len 16 --workers 2 --run-dir "runs/$name/krablet")
 run() { [[ " $stages " == *" $1 "* ]]; }

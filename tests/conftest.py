@@ -88,3 +88,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_encoder_cache(tmp_path_factory):
+    # One cache of built tiny encoders for the session, shared with the training
+    # subprocesses (they inherit the environment): each distinct build trains once.
+    os.environ["K2_CACHE_DIR"] = str(tmp_path_factory.mktemp("k2_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory, _tiny_encoder_cache) -> str:
+    """The tiny encoder the demo builds: every caption of the shapes world, trained."""
+    from data.shapes import ShapesWorld
+    from data.shapes_loader import ensure_tiny_encoder
+
+    return ensure_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder") / "text_encoder", ShapesWorld().all_captions())

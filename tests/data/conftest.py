@@ -1,19 +1,14 @@
-"""Shared fixtures for the data tests: one tiny text encoder per session."""
+"""Shared fixtures for the data tests: the world, and the session's tiny text encoder (tests/conftest.py) loaded."""
 
 import pytest
 
 from data.shapes import ShapesWorld
-from data.text import TextEncoder, build_tiny_encoder
+from data.text import TextEncoder
 
 
 @pytest.fixture(scope="session")
 def world() -> ShapesWorld:
     return ShapesWorld(image_size=32, seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder_dir(tmp_path_factory, world) -> str:
-    return build_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder"), world.all_captions(), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -11,16 +11,17 @@ from data.shapes import (BACKGROUNDS, COLOURS, CONCEPT, ConceptWorld, ShapesWorl
                          score_caption)
 from data.shard_inputs import list_chunks, list_inputs, load_item
 
-# Computed before pink existed: the pretraining stream must not move by one pixel.
+# The pretraining stream (one-shape share 0.4), pinned: pink and the concept stream must
+# not move it by one pixel.
 PRETRAIN_PINS = {
     (0, 32, 0): ("a green circle above a blue circle", "5950b1de38a213de"),
     (0, 32, 1): ("a yellow triangle to the right of a purple circle", "7a56d9d338a9d54a"),
     (0, 32, 123): ("a purple triangle", "520e54714a03c35d"),
     (0, 32, 9599): ("a blue square to the right of a green square", "3ce8638171831df1"),
-    (3, 64, 1): ("a blue triangle to the left of a yellow triangle", "dc87f68fa164c8e5"),
+    (3, 64, 1): ("a yellow square", "ee837ccbf27e63cc"),
     (3, 64, 7): ("an orange triangle above a blue circle", "a914438c0ed01636"),
 }
-FIRST_300_SHA = "054c521db53a0259"  # captions + pixels of samples 0..299, seed 0, 32 px
+FIRST_300_SHA = "231ceb0308256e48"  # captions + pixels of samples 0..299, seed 0, 32 px
 TRAINING_CAPTIONS_SHA = "0c5c521ad8515bc4"  # the 866 pretraining captions, in order
 PROMPTS_SHA = "bdf7bed65a200955"  # held_out_prompts() + train_prompts_example()
 

@@ -1,6 +1,7 @@
 """ShapesLoader: world-size independent, exactly resumable, deterministic caption dropout."""
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +103,7 @@ def test_every_caption_fits_the_default_text_len(encoder, world):
     assert (mask_BS.sum(1) - encoder.prefix_len).max() < DataConfig().text_len
 
 
-def test_build_shapes_data_builds_the_encoder_once_even_when_racing(tmp_path):
+def test_build_shapes_data_builds_the_encoder_once_even_when_racing(tmp_path, tiny_encoder_dir):
     cfg = DataConfig(caption_dropout=0.0)
     results, errors = [], []
 
@@ -135,18 +136,31 @@ def test_config_and_loader_reject_bad_values(encoder):
         _loader(encoder, 4, text_len=16)
 
 
-def test_losing_the_build_race_keeps_the_winners_copy(tmp_path, monkeypatch, world):
-    import data.shapes_loader as shapes_loader
+def test_losing_the_build_race_keeps_the_winners_copy(tmp_path):
+    from data.shapes_loader import _publish
 
-    real_build = shapes_loader.build_tiny_encoder
     final = tmp_path / "text_encoder"
 
-    def build_then_lose(out_dir, texts, seed=0):
-        real_build(out_dir, texts, seed)
-        real_build(final, texts, seed)  # meanwhile another rank finished and renamed first
+    def fill_then_lose(tmp):
+        (Path(tmp) / "config.json").write_text("{}")
+        final.mkdir()  # meanwhile another rank finished and renamed first
+        (final / "config.json").write_text("{}")
         (final / "winner").write_text("")
 
-    monkeypatch.setattr(shapes_loader, "build_tiny_encoder", build_then_lose)
-    assert ensure_tiny_encoder(final, world.all_captions()) == str(final)
+    _publish(final, fill_then_lose)
     assert (final / "winner").exists()  # the winner's folder was not replaced
     assert [p.name for p in tmp_path.iterdir()] == ["text_encoder"]  # the loser's copy is gone
+
+
+def test_tiny_encoder_cache_is_reused_and_every_run_gets_its_own_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("K2_CACHE_DIR", str(tmp_path / "cache"))
+    texts = ["a red circle", "a blue square"]
+    first = Path(ensure_tiny_encoder(tmp_path / "run1" / "text_encoder", texts))
+    (entry,) = (tmp_path / "cache" / "tiny_encoders").iterdir()
+    stamp = (entry / "model.safetensors").stat().st_mtime_ns
+    second = Path(ensure_tiny_encoder(tmp_path / "run2" / "text_encoder", texts))
+    assert (entry / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert not (second / "model.safetensors").samefile(entry / "model.safetensors")  # a copy, not a link
+    ensure_tiny_encoder(tmp_path / "run3" / "text_encoder", texts + ["a green triangle"])
+    assert len(list((tmp_path / "cache" / "tiny_encoders").iterdir())) == 2  # other texts, another build

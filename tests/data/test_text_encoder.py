@@ -155,16 +155,47 @@ def test_features_differ_between_prompts_and_ignore_batch_mates(encoder):
 
 
 def test_tiny_encoder_build_is_deterministic(tmp_path, world, tiny_encoder_dir):
+    # A short training (20 steps) makes the same point as the demo's: same texts and seed
+    # give bitwise the same weights, another seed other weights.
     texts = world.all_captions()
-    again = build_tiny_encoder(tmp_path / "again", texts, seed=0)
-    other = build_tiny_encoder(tmp_path / "other", texts, seed=1)
-    ref, same, diff = (load_file(str(Path(p) / "model.safetensors")) for p in (tiny_encoder_dir, again, other))
+    again, again2 = (build_tiny_encoder(tmp_path / name, texts, seed=0, train_steps=20) for name in ("a", "b"))
+    other = build_tiny_encoder(tmp_path / "other", texts, seed=1, train_steps=20)
+    ref, same, diff = (load_file(str(Path(p) / "model.safetensors")) for p in (again, again2, other))
     assert ref.keys() == same.keys() and all(torch.equal(ref[k], same[k]) for k in ref)
     assert any(not torch.equal(ref[k], diff[k]) for k in ref if k.endswith("embed_tokens.weight"))
     assert (Path(again) / "tokenizer.json").read_text() == (Path(tiny_encoder_dir) / "tokenizer.json").read_text()
     config = json.loads((Path(again) / "config.json").read_text())["text_config"]
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
             config["num_key_value_heads"], config["head_dim"], config["intermediate_size"]) == (128, 4, 4, 2, 32, 256)
+
+
+def _context_share(encoder: TextEncoder) -> tuple[float, float]:
+    """How much "triangle" (the 3rd token) changes when the colour before it changes, and how
+    much "purple" changes between first and second object, relative to its norm, in the
+    last tapped layer."""
+    feats, _ = encoder.encode(["a purple triangle above a green circle", "a green triangle above a purple circle"])
+    a, b = feats[0, :, -1], feats[1, :, -1]
+    triangle = ((a[2] - b[2]).norm() / a[2].norm()).item()
+    purple = ((a[1] - b[5]).norm() / a[1].norm()).item()
+    return triangle, purple
+
+
+def test_trained_tiny_encoder_is_contextual(tmp_path, world, encoder, tiny_encoder_dir):
+    # The demo's encoder (trained) against the same build with its random weights: the random
+    # one is a bag of words (a token barely depends on the ones before it), so a DiT cannot tell
+    # "a purple triangle above a green circle" from "a green triangle above a purple circle".
+    report = json.loads((Path(tiny_encoder_dir) / "training.json").read_text())
+    assert report["slot_accuracy"] >= 0.97 and report["steps"] <= 600
+    untrained = TextEncoder.from_pretrained(build_tiny_encoder(tmp_path / "random", world.all_captions(), seed=0,
+                                                               train_steps=0), layers=[1, 2, 3, 4], max_len=24)
+    assert not (tmp_path / "random" / "training.json").exists()
+    random_triangle, random_purple = _context_share(untrained)
+    triangle, purple = _context_share(encoder)
+    assert random_triangle < 0.02 and random_purple < 0.05  # measured: 0.005 and 0.015
+    assert triangle > 0.2 and purple > 0.5  # measured: ~0.8 and ~1.3
+    # Training leaves the features of equal prompts equal and of different prompts apart.
+    feats, _ = encoder.encode(["a red circle", "a red circle", "a red square"])
+    assert torch.equal(feats[0], feats[1]) and not torch.allclose(feats[0], feats[2])
 
 
 def test_layers_out_of_range_raise(encoder):

@@ -13,7 +13,8 @@ import pytest
 
 from data.latents import PixelLatents
 from data.shapes import ShapesWorld
-from data.text import TextEncoder, build_tiny_encoder
+from data.shapes_loader import ensure_tiny_encoder
+from data.text import TextEncoder
 from data.writer import WriterConfig, write_shards
 from tests.conftest import ROOT, train_cmd, train_env
 
@@ -23,7 +24,7 @@ def shards(tmp_path_factory):
     """64 shapes samples at 32 px in 4 shards (pixel latents, the tiny text encoder)."""
     root = tmp_path_factory.mktemp("shards")
     world = ShapesWorld(image_size=32, seed=0)
-    enc_dir = build_tiny_encoder(str(root / "encoder"), world.all_captions(), seed=0)
+    enc_dir = ensure_tiny_encoder(root / "encoder", world.all_captions())
     encoder = TextEncoder.from_pretrained(enc_dir, layers=[1, 2, 3, 4], max_len=24)
     cfg = WriterConfig(resolution=32, bucket_multiple=16)
     write_shards("shapes:64:32", str(root / "set"), PixelLatents(), encoder, cfg, chunk_size=16)
