@@ -1,0 +1,1 @@
+"""RL fine-tuning of flow models: the SDE sampler (sde.py), rewards and GRPO (grpo.py)."""
