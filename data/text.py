@@ -257,9 +257,9 @@ def train_tiny_encoder(encoder: "TextEncoder", texts: list[str], seed: int = 0, 
     shape, or which object comes first. A pretrained LLM's hidden states carry that
     context; this objective puts it into the tiny one's (the same comparison: ~50%).
 
-    Linear slot heads (thrown away afterwards) read the final hidden state; AdamW on two
-    CPU threads (a fixed split of the work: bitwise reproducible for the same texts and
-    seed on one machine) until the slot accuracy
+    Linear slot heads (thrown away afterwards) read the final hidden state; AdamW on one
+    CPU thread (bitwise reproducible for the same texts and seed, and never oversubscribed
+    on a busy machine) until the slot accuracy
     on a fixed probe batch reaches `target`, or `max_steps`. Returns a small report.
     """
     if not texts:
@@ -288,7 +288,7 @@ def train_tiny_encoder(encoder: "TextEncoder", texts: list[str], seed: int = 0, 
         return (logits.argmax(-1) == targets_NTW[probe])[valid].float().mean().item()
 
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = torch.nn.Linear(width, PROMPT_SLOTS * (vocab + 1))

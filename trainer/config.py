@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass, field
 
 from data.config import DataConfig
+from rl.config import DPOConfig, GRPOConfig
 from trainer.flow import FlowConfig
 from trainer.model.config import ModelConfig
 from trainer.repa import RepaConfig
@@ -72,8 +73,8 @@ class ValidationConfig:
 
 @dataclass
 class StageConfig:
-    # `kind` picks the Stage class (trainer/stage.py): "flow" (pretrain, midtrain, SFT)
-    # or "package.module:Class" for a stage defined outside k2train. A flow stage's
+    # `kind` picks the Stage class (trainer/stage.py): "flow" (pretrain, midtrain, SFT),
+    # "grpo" (rl/grpo.py), "dpo" (rl/dpo.py) or "package.module:Class" for a stage defined outside k2train. A flow stage's
     # loss is `objective` (trainer/objectives.py).
     name: str = "pretrain"
     kind: str = "flow"
@@ -87,6 +88,9 @@ class StageConfig:
     repa: RepaConfig = field(default_factory=RepaConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # The RL stages' settings; read only by stage.kind=grpo (rl/grpo.py) and dpo (rl/dpo.py).
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     # A run stops with status "failed" after this many non-finite steps in a row (0: never).
     max_nonfinite_steps: int = 5
 

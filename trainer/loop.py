@@ -195,6 +195,7 @@ def train(cfg: TrainConfig) -> Run:
     status = (lambda state: write_status(cfg.run_dir, state, st.step)) if run.d.is_main else (lambda state: None)
     status("running")
     nonfinite = 0  # optimizer steps in a row whose update was skipped
+    early = None  # the stage's reason to stop before the last step
     skipped = []  # samples this rank's loader left out since the last metrics row
     pop_skipped = getattr(run.data.loader, "pop_skipped", list)
     try:
@@ -207,7 +208,8 @@ def train(cfg: TrainConfig) -> Run:
             values.update(run.stage.validate(st.step))
             skipped += pop_skipped()
             stop = preemption.check(run.d)
-            save = st.step % cfg.checkpoint.every == 0 or st.step == steps or stop
+            early = run.stage.early_stop(values)
+            save = st.step % cfg.checkpoint.every == 0 or st.step == steps or stop or early
             if st.step % cfg.log.every == 0 or st.step == steps or "val_loss" in values or nonfinite:
                 # loss and stage terms are per rank; grad norms are already global
                 values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and not k.startswith("grad_norm") else v
@@ -236,6 +238,9 @@ def train(cfg: TrainConfig) -> Run:
             if stop:
                 log.warning("preempted: checkpoint of step %d saved, exiting for requeue", st.step)
                 break
+            if early:
+                log.warning("stopped early at step %d: %s (checkpoint saved)", st.step, early)
+                break
         run.ckpt.wait()
     except BaseException as e:
         status("failed")
@@ -244,6 +249,6 @@ def train(cfg: TrainConfig) -> Run:
         raise
     finally:
         preemption.restore()
-    status("finished" if st.step >= steps else "preempted")
+    status("finished" if st.step >= steps else "stopped" if early else "preempted")
     run.metrics.close()
     return run

@@ -258,6 +258,11 @@ class Stage:
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         pass
 
+    def early_stop(self, values: dict) -> str | None:
+        """After each step, with its logged values: a reason to end the run now (it
+        checkpoints and finishes with status "stopped"), or None to go on."""
+        return None
+
     def set_lr(self, step: int) -> float:
         lr = lr_at(step, self.cfg.stage.steps, self.cfg.optimizer)
         for t in self.trainables.values():
@@ -374,11 +379,14 @@ class ValidationSet:
 
 
 STAGES: dict[str, type[Stage]] = {"flow": FlowStage}
+# Stages of the later recipe, imported when named.
+NAMED_STAGES = {"grpo": "rl.grpo:GRPOStage", "dpo": "rl.dpo:DPOStage"}
 
 
 def stage_class(kind: str) -> type[Stage]:
     if kind in STAGES:
         return STAGES[kind]
+    kind = NAMED_STAGES.get(kind, kind)
     if ":" in kind:
         module, _, name = kind.partition(":")
         try:
@@ -388,7 +396,8 @@ def stage_class(kind: str) -> type[Stage]:
         if not (isinstance(cls, type) and issubclass(cls, Stage)):
             raise ValueError(f"stage.kind={kind!r} is not a trainer.stage.Stage subclass")
         return cls
-    raise ValueError(f"stage.kind={kind!r} is not one of {sorted(STAGES)} or 'package.module:Class'")
+    raise ValueError(f"stage.kind={kind!r} is not one of {sorted([*STAGES, *NAMED_STAGES])} or "
+                     f"'package.module:Class'")
 
 
 def validate_stage(cfg: TrainConfig) -> None:

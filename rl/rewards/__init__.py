@@ -104,11 +104,19 @@ def build_reward(weights: Mapping[str, float], world=None,
     from rl.rewards.combine import WeightedReward
 
     options = dict(options or {})
-    unknown = sorted(set(weights) - set(REWARDS)) + sorted(set(options) - set(weights))
+    # A name with a slash is a module path of the user's ("my/rewards" for my.rewards; a dot
+    # would be a config path to Hydra) with the same `build(world, **options)`.
+    unknown = sorted(n for n in weights if n not in REWARDS and "/" not in n) + sorted(set(options) - set(weights))
     if unknown:
-        raise ValueError(f"unknown or unweighted rewards {unknown}: rewards are {sorted(REWARDS)}, "
-                         f"options must name a reward in weights {sorted(weights)}")
-    rewards = [importlib.import_module(REWARDS[name]).build(world, **options.get(name, {})) for name in weights]
+        raise ValueError(f"unknown or unweighted rewards {unknown}: rewards are {sorted(REWARDS)} or a module "
+                         f"path with build(world, **options); options must name a reward in weights {sorted(weights)}")
+    rewards = []
+    for name in weights:
+        try:
+            module = importlib.import_module(REWARDS.get(name, name.replace("/", ".")))
+        except ImportError as e:
+            raise ValueError(f"reward {name!r}: cannot import its module ({e})") from e
+        rewards.append(module.build(world, **options.get(name, {})))
     return WeightedReward(rewards, list(weights.values()))
 
 

@@ -70,12 +70,12 @@ def test_every_shipped_experiment_and_model_composes_and_validates():
     configs = os.path.join(ROOT, "configs")
     experiments = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(configs, "experiment", "*.yaml")))
     models = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(configs, "model", "*.yaml")))
-    assert {"demo", "demo_lora", "res_256", "res_512", "res_1024"} <= set(experiments)
+    assert {"demo", "demo_lora", "demo_grpo", "res_256", "res_512", "res_1024"} <= set(experiments)
     required = ["data.path=/shards", "checkpoint.init_from=/runs/prev"]
     for name in experiments:
         with initialize_config_dir(config_dir=configs, version_base=None):
             cfg = compose("train", overrides=[f"experiment={name}"] + (required if name.startswith("res_") else []))
-        OmegaConf.to_object(cfg).validate(world_size=1 if name in ("demo", "demo_lora", "test_tiny") else 8)
+        OmegaConf.to_object(cfg).validate(world_size=1 if name.startswith("demo") or name == "test_tiny" else 8)
     for name in models:
         with initialize_config_dir(config_dir=configs, version_base=None):
             OmegaConf.to_object(compose("train", overrides=[f"model={name}"])).model.validate()
