@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from rl.rollout import RolloutStage
 from trainer.config import TrainConfig
 from trainer.flow import interpolate, sample_timesteps
-from trainer.model import positions
 from trainer.parallel import Dist
 from trainer.stage import autocast, update
 
@@ -61,8 +60,7 @@ class DPOStage(RolloutStage):
         eps = torch.randn((n_pairs, *x0.shape[1:]), generator=gen).to(x0.device, x0.dtype)
         t = sample_timesteps(torch.randn(n_pairs, generator=gen), self.tokens, cfg.stage.flow).to(x0.device)
         text, mask, _, _ = ro["text"]
-        h, w = self.latent_hw
-        pos = positions(text.shape[1], h // cfg.model.patch_size, w // cfg.model.patch_size).to(self.d.device)
+        pos = self.positions(text.shape[1])
         weight = valid.float().to(x0.device)
         denom = max(1.0, float(weight.sum()))
         losses, brackets = [], []

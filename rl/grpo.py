@@ -33,7 +33,6 @@ from rl.rewards import group_advantages
 from rl.rollout import RolloutStage
 from trainer.config import TrainConfig
 from trainer.flow import interpolate
-from trainer.model import positions
 from trainer.objectives import sample_seed
 from trainer.parallel import Dist
 from trainer.stage import Trainable, autocast, update
@@ -124,8 +123,7 @@ class GRPOStage(RolloutStage):
         xt = interpolate(x0, eps, t)
         target = eps - x0
         text, mask, _, _ = ro["text"]
-        h, w = self.latent_hw
-        pos = positions(text.shape[1], h // cfg.model.patch_size, w // cfg.model.patch_size).to(self.d.device)
+        pos = self.positions(text.shape[1])
         chunks = [slice(i, i + g.train_micro_batch) for i in range(0, B, g.train_micro_batch)]
         v_old = []  # the rollout policy's velocities, from the training-mode forward (detached)
         for sl in chunks:

@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import torch
 
+from data.latents import images_to_uint8
 from rl.rewards import build_reward
 from rl.sde import guided_velocity, sde_rollout, sde_step
 from trainer.config import TrainConfig
@@ -78,6 +79,12 @@ class RolloutStage(Stage):
         per_rank = self.g.prompts_per_step // self.d.world_size
         return chosen[self.d.rank * per_rank:(self.d.rank + 1) * per_rank]
 
+    def positions(self, text_len: int) -> torch.Tensor:
+        """RoPE positions of `[text | image]` for this stage's latent grid, on the device."""
+        h, w = self.latent_hw
+        p = self.cfg.model.patch_size
+        return positions(text_len, h // p, w // p).to(self.d.device)
+
     def _text(self, prompts: list[str]):
         text, mask = self.data.encoder.encode(prompts)
         null, null_mask = self.data.encoder.encode([""] * len(prompts))
@@ -86,8 +93,7 @@ class RolloutStage(Stage):
 
     def _velocity(self, model, text, mask, null, null_mask):
         """velocity(x, t_B, conditional) of `model` for this batch's prompts (rl/sde.py's signature)."""
-        h, w = self.latent_hw
-        pos = positions(text.shape[1], h // self.cfg.model.patch_size, w // self.cfg.model.patch_size).to(self.d.device)
+        pos = self.positions(text.shape[1])
 
         def velocity(x_BLC, t_B, conditional=True):
             if conditional:
@@ -115,7 +121,7 @@ class RolloutStage(Stage):
                                generator=torch.Generator().manual_seed(self._seed(step, "sde")))
         self.policy.train(was_training)
         images = self.data.latents.decode(unpatchify(traj.states[:, -1], self.cfg.model.patch_size, h, w)).clamp(-1, 1)
-        images_u8 = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images_u8 = images_to_uint8(images).numpy()
         reward = self.reward(images_u8, prompts)
         groups = torch.arange(len(prompts)) // g.group_size
         return {"prompts": prompts, "text": (text, mask, null, null_mask), "traj": traj, "reward": reward,
