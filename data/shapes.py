@@ -468,16 +468,52 @@ def colour_centroids(image_HWC: np.ndarray, max_distance: float = 64.0) -> dict[
     return out
 
 
-def _guess_shape(mask_HW: np.ndarray) -> str:
-    # How much of its bounding box a blob fills separates squares (~1) from the rest;
-    # a triangle (apex up) keeps only ~1/4 of its pixels in the upper half of its box.
+# The verifier's two thresholds (see _guess_shape).
+TRIANGLE_UPPER, SQUARE_FILL = 0.4, 0.93
+
+
+def shape_stats(mask_HW: np.ndarray) -> tuple[float, float]:
+    """(fill, upper) of a blob: the share of its bounding box it covers, and the share of
+    its pixels in the upper half of that box (a pixel on the middle row counts half)."""
     rows, cols = np.nonzero(mask_HW)
     fill = len(rows) / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
     mid = (rows.max() + rows.min()) / 2
     upper = ((rows < mid).sum() + 0.5 * (rows == mid).sum()) / len(rows)
-    if upper < 0.4:
+    return float(fill), float(upper)
+
+
+def _guess_shape(mask_HW: np.ndarray) -> str:
+    # How much of its bounding box a blob fills separates squares (~1) from the rest;
+    # a triangle (apex up) keeps only ~1/4 of its pixels in the upper half of its box.
+    fill, upper = shape_stats(mask_HW)
+    if upper < TRIANGLE_UPPER:
         return "triangle"
-    return "square" if fill > 0.93 else "circle"
+    return "square" if fill > SQUARE_FILL else "circle"
+
+
+def shape_margin(mask_HW: np.ndarray, shape: str) -> float:
+    """How far a blob is inside the verifier's region for `shape`, in units of its
+    statistics: positive iff `_guess_shape` reads it as `shape` (zero on a boundary)."""
+    fill, upper = shape_stats(mask_HW)
+    if shape == "triangle":
+        return TRIANGLE_UPPER - upper
+    if shape == "square":
+        return min(upper - TRIANGLE_UPPER, fill - SQUARE_FILL)
+    if shape == "circle":
+        return min(upper - TRIANGLE_UPPER, SQUARE_FILL - fill)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def blobs(image_HWC: np.ndarray, min_fraction: float = 0.01, max_distance: float = 64.0) -> dict[str, np.ndarray]:
+    """{colour: mask of its largest connected blob} for every palette colour whose blob
+    covers at least min_fraction of the image (smaller ones are noise)."""
+    label_HW = classify_pixels(image_HWC, max_distance)
+    out = {}
+    for i, name in enumerate(COLOURS):
+        mask = largest_component(label_HW == i)
+        if mask.mean() >= min_fraction:
+            out[name] = mask
+    return out
 
 
 def describe(image_HWC: np.ndarray, min_fraction: float = 0.01,
@@ -485,14 +521,10 @@ def describe(image_HWC: np.ndarray, min_fraction: float = 0.01,
     """The shapes seen in an image: [(colour, shape guess, (row, col) centroid, pixel_fraction)],
     largest first, each colour measured on its largest connected blob; blobs covering less
     than min_fraction of the image are ignored as noise."""
-    label_HW = classify_pixels(image_HWC, max_distance)
     found = []
-    for i, name in enumerate(COLOURS):
-        mask = largest_component(label_HW == i)
-        fraction = float(mask.mean())
-        if fraction >= min_fraction:
-            rows, cols = np.nonzero(mask)
-            found.append((name, _guess_shape(mask), (float(rows.mean()), float(cols.mean())), fraction))
+    for name, mask in blobs(image_HWC, min_fraction, max_distance).items():
+        rows, cols = np.nonzero(mask)
+        found.append((name, _guess_shape(mask), (float(rows.mean()), float(cols.mean())), float(mask.mean())))
     return sorted(found, key=lambda f: -f[3])
 
 

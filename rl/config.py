@@ -30,6 +30,8 @@ class GRPOConfig:
     nft_beta: float = 1.0
     # Rewards: name -> weight (rl/rewards); prompts are drawn from the world's training captions.
     rewards: dict[str, float] = field(default_factory=lambda: {"rubric": 1.0})
+    # A reward's constructor options by name, e.g. {rubric: {soft: 0.03}} (rl/rewards).
+    reward_options: dict[str, dict] = field(default_factory=dict)
     # Early stop: the run ends (checkpoint, status "stopped") when the mean KL to the
     # reference exceeds `stop_kl` (0: never) for `stop_patience` iterations in a row.
     stop_kl: float = 0.0
@@ -72,6 +74,7 @@ class DPOConfig:
     min_margin: float = 0.0
     train_micro_batch: int = 16  # pairs per forward (per rank)
     rewards: dict[str, float] = field(default_factory=lambda: {"rubric": 1.0})
+    reward_options: dict[str, dict] = field(default_factory=dict)  # as GRPOConfig.reward_options
 
     def validate(self, world_size: int) -> None:
         from trainer.config import POSITIVE, NON_NEGATIVE, check

@@ -49,7 +49,8 @@ class RolloutStage(Stage):
                                         trainable=False)
         self.reference = reference
         self.frozen["reference"] = ref_info
-        self.reward = build_reward(dict(self.g.rewards), data.world)
+        options = {name: dict(o) for name, o in self.g.reward_options.items()}
+        self.reward = build_reward(dict(self.g.rewards), data.world, options)
         self.prompts = sorted(data.world.training_captions())
         side = cfg.data.image_size // data.latents.downsample
         self.latent_hw = (side, side)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.shapes import RELATIONS, ShapesWorld, _article, describe, parse_caption, relation_holds
+from data.shapes import RELATIONS, ShapesWorld, _article, blobs, describe, parse_caption, relation_holds, shape_margin
 from rl.rewards import Reward, RewardOutput, check_inputs
 
 KINDS = ("entity", "attribute", "count", "spatial")
@@ -98,32 +98,50 @@ class ShapesRubricReward(Reward):
     """Mean pass rate of a prompt's requirements, checked exactly on the image.
 
     details: per-kind pass rates ("entity", "attribute", "count", "spatial"; see
-    `kind_details`) and "all" (1.0 where every requirement passes).
-    `min_fraction` is the checker's noise floor (blobs smaller than this share of the
-    image are not objects), score_caption's default.
+    `kind_details`) and "all" (1.0 where every requirement passes), always the exact 0/1
+    results. `min_fraction` is the checker's noise floor (blobs smaller than this share of
+    the image are not objects), score_caption's default.
+
+    soft > 0 scores each attribute requirement (the object's shape) by how far its blob is
+    inside the verifier's region for that shape, sigmoid(data.shapes.shape_margin / soft),
+    instead of 0/1: a square that nearly fills its box then scores above one that is a
+    rounded blob, though both fail, so a group whose images all fail (or all pass) still
+    has advantages. A missing object scores 0. The score is above 1/2 exactly where the
+    exact check passes.
     """
 
     name = "rubric"
 
-    def __init__(self, min_fraction: float = 0.01):
+    def __init__(self, min_fraction: float = 0.01, soft: float = 0.0):
+        if soft < 0:
+            raise ValueError(f"rubric option soft must be >= 0 (0: exact 0/1 scores), got {soft}")
         self.min_fraction = min_fraction
+        self.soft = soft
 
     def check(self, image_HWC: np.ndarray, requirements: list[Requirement]) -> list[bool]:
         """Each requirement's result on one image."""
+        return [ok for ok, _ in self._check(image_HWC, requirements)]
+
+    def _check(self, image_HWC: np.ndarray, requirements: list[Requirement]) -> list[tuple[bool, float]]:
+        """(exact result, score) of each requirement on one image."""
         seen = {colour: (shape, rc) for colour, shape, rc, _ in describe(image_HWC, self.min_fraction)}
+        masks = blobs(image_HWC, self.min_fraction) if self.soft else {}
         results = []
         for req in requirements:
+            score = None
             if req.kind == "entity":
                 ok = req.args[0] in seen
             elif req.kind == "attribute":
                 colour, shape = req.args
                 ok = colour in seen and seen[colour][0] == shape
+                if self.soft:
+                    score = 1 / (1 + np.exp(-shape_margin(masks[colour], shape) / self.soft)) if colour in seen else 0.0
             elif req.kind == "count":
                 ok = len(seen) == req.args[0]  # one blob per colour: distinct colours seen
             else:
                 first, relation, second = req.args
                 ok = first in seen and second in seen and relation_holds(relation, seen[first][1], seen[second][1])
-            results.append(ok)
+            results.append((ok, float(ok) if score is None else float(score)))
         return results
 
     def __call__(self, images_BHWC: np.ndarray, prompts: list[str]) -> RewardOutput:
@@ -131,10 +149,10 @@ class ShapesRubricReward(Reward):
         values, scores, all_pass = [], [], []
         for image, prompt in zip(images_BHWC, prompts):
             reqs = decompose(prompt)
-            results = self.check(image, reqs)
-            values.append([(r.kind, float(ok)) for r, ok in zip(reqs, results)])
-            scores.append(float(np.mean(results)))
-            all_pass.append(float(all(results)))
+            results = self._check(image, reqs)
+            values.append([(r.kind, float(ok)) for r, (ok, _) in zip(reqs, results)])
+            scores.append(float(np.mean([score for _, score in results])))
+            all_pass.append(float(all(ok for ok, _ in results)))
         details = kind_details(values)
         details["all"] = torch.tensor(all_pass, dtype=torch.float32)
         return RewardOutput(torch.tensor(scores, dtype=torch.float32), details)

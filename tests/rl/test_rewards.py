@@ -135,6 +135,62 @@ def test_rubric_scores_the_mean_of_requirement_results(world):
     torch.testing.assert_close(out.details["all"], torch.zeros(5))
 
 
+def _painted(mask_HW: np.ndarray) -> np.ndarray:
+    """A dark image with `mask_HW` painted in the palette's red."""
+    from data.shapes import COLOURS
+
+    image = np.full((*mask_HW.shape, 3), BACKGROUNDS["dark"], np.uint8)
+    image[mask_HW] = COLOURS["red"]
+    return image
+
+
+def test_soft_rubric_scores_shapes_by_their_margin(world):
+    # Hand-drawn blobs whose statistics are known: a 12x12 square fills its box (fill 1,
+    # upper 0.5); the same with 2x2 corners cut fills 128/144; a 12x12 box with 3x3 corners
+    # cut fills 108/144. Margins (data.shapes): square min(upper - 0.4, fill - 0.93), circle
+    # min(upper - 0.4, 0.93 - fill); the score is sigmoid(margin / soft).
+    square = np.zeros((32, 32), bool)
+    square[10:22, 10:22] = True
+    cut2, cut3 = square.copy(), square.copy()
+    for r, c in ((10, 10), (10, 20), (20, 10), (20, 20)):
+        cut2[r:r + 2, c:c + 2] = False
+    for r, c in ((10, 10), (10, 19), (19, 10), (19, 19)):
+        cut3[r:r + 3, c:c + 3] = False
+    soft = 0.03
+    rubric = ShapesRubricReward(soft=soft)
+    images = np.stack([_painted(m) for m in (square, cut2, cut3, square)])
+    prompts = ["a red square", "a red square", "a red square", "a red circle"]
+    out = rubric(images, prompts)
+    sigmoid = lambda m: 1 / (1 + np.exp(-m / soft))  # noqa: E731
+    attribute = [sigmoid(min(0.1, 1 - 0.93)), sigmoid(128 / 144 - 0.93), sigmoid(108 / 144 - 0.93),
+                 sigmoid(min(0.1, 0.93 - 1))]
+    # entity and count pass in every image: score = (1 + attribute + 1) / 3
+    expected = torch.tensor([(2 + a) / 3 for a in attribute], dtype=torch.float32)
+    torch.testing.assert_close(out.scores, expected, rtol=0, atol=1e-6)
+    # the logged pass rates stay the exact 0/1 results
+    torch.testing.assert_close(out.details["attribute"], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(out.details["all"], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_soft_rubric_is_above_half_exactly_where_the_check_passes(world):
+    exact, soft = ShapesRubricReward(), ShapesRubricReward(soft=0.03)
+    images, prompts = [], []
+    for i in range(30):
+        image, caption = world.sample(i)
+        for j, wrong in enumerate([caption, *_perturbed(caption)]):
+            images.append(render(world, wrong, 100 * i + j))
+            prompts.append(caption)
+    images, hard = np.stack(images), exact(np.stack(images), prompts)
+    out = soft(images, prompts)
+    for i, prompt in enumerate(prompts):
+        reqs = decompose(prompt)
+        results = soft._check(images[i], reqs)
+        for req, (ok, score) in zip(reqs, results):
+            assert (score > 0.5) == ok, (prompt, req.id, score)
+    assert torch.equal(out.details["all"], hard.details["all"])
+    assert (out.scores != hard.scores).any()  # the soft scores are not the 0/1 ones
+
+
 def test_rewards_reject_images_in_another_format(world):
     rubric = ShapesRubricReward()
     image = render(world, "a red circle", 0)
