@@ -35,6 +35,11 @@ class GRPOConfig:
     # Early stop: the run ends (checkpoint, status "stopped") when the mean KL to the
     # reference exceeds `stop_kl` (0: never) for `stop_patience` iterations in a row.
     stop_kl: float = 0.0
+    # ... or when the mean of a logged reward (`reward_<stop_reward>` in the step log: a
+    # reward's name such as "artifact", the artifact reward's P(clean), or "<name>/<detail>")
+    # falls below `stop_below` ("": never).
+    stop_reward: str = ""
+    stop_below: float = 0.0
     stop_patience: int = 3
 
     def validate(self, world_size: int) -> None:
@@ -45,6 +50,7 @@ class GRPOConfig:
               train_micro_batch=POSITIVE, inner_steps=POSITIVE, objective=one_of("grpo", "nft"),
               clip_range=POSITIVE, adv_clip=POSITIVE, kl_beta=NON_NEGATIVE, nft_beta=POSITIVE,
               stop_kl=NON_NEGATIVE, stop_patience=POSITIVE)
+
         if self.group_size < 2:
             raise ValueError(f"stage.grpo.group_size must be >= 2 (advantages are relative to the group), "
                              f"got {self.group_size}")

@@ -48,6 +48,10 @@ class GRPOStage(RolloutStage):
     def __init__(self, cfg: TrainConfig, d: Dist, data, resume_dir: str | None):
         super().__init__(cfg, d, data, resume_dir)
         self.kl_over = 0  # iterations in a row with KL above stop_kl
+        self.reward_under = 0  # ... and with the stop_reward below stop_below
+        if self.g.stop_reward and self.g.stop_reward.split("/")[0] not in self.reward.weights:
+            raise ValueError(f"stage.grpo.stop_reward={self.g.stop_reward!r} names no reward of this stage: "
+                             f"they are {sorted(self.reward.weights)} (their logged details: reward_<name>/<key>)")
         log.info("grpo: %d prompts x %d images per iteration, %d SDE steps (%d trained, %s), objective %s",
                  self.g.prompts_per_step, self.g.group_size, self.g.sample_steps, self.g.train_steps,
                  self.g.train_window, self.g.objective)
@@ -169,13 +173,22 @@ class GRPOStage(RolloutStage):
         return out
 
     def early_stop(self, values: dict) -> str | None:
-        """A reason to end the run after this iteration, or None."""
-        if not self.g.stop_kl or "kl" not in values:
-            return None
-        kl = float(self.d.all_reduce_mean(values["kl"].detach().clone()))  # every rank decides alike
-        self.kl_over = self.kl_over + 1 if kl > self.g.stop_kl else 0
-        if self.kl_over >= self.g.stop_patience:
-            return (f"KL to the reference {kl:.4g} > stage.grpo.stop_kl={self.g.stop_kl} for "
-                    f"{self.kl_over} iterations in a row")
-        return None
-
+        """A reason to end the run after this iteration, or None: the KL to the reference
+        above stop_kl, or the reward named by stop_reward below stop_below, for
+        stop_patience iterations in a row."""
+        g = self.g
+        reasons = []
+        if g.stop_kl and "kl" in values:
+            kl = float(self.d.all_reduce_mean(values["kl"].detach().clone()))  # every rank decides alike
+            self.kl_over = self.kl_over + 1 if kl > g.stop_kl else 0
+            if self.kl_over >= g.stop_patience:
+                reasons.append(f"KL to the reference {kl:.4g} > stage.grpo.stop_kl={g.stop_kl} for "
+                               f"{self.kl_over} iterations in a row")
+        key = f"reward_{g.stop_reward}"
+        if g.stop_reward and key in values:
+            r = float(self.d.all_reduce_mean(values[key].detach().clone()))
+            self.reward_under = self.reward_under + 1 if r < g.stop_below else 0
+            if self.reward_under >= g.stop_patience:
+                reasons.append(f"{key} {r:.4g} < stage.grpo.stop_below={g.stop_below} for {self.reward_under} "
+                               f"iterations in a row")
+        return "; ".join(reasons) or None

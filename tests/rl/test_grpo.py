@@ -69,3 +69,17 @@ def test_grpo_resumes_exactly_and_never_checkpoints_the_reference(base, run_root
     assert models["reference"]["frozen"] and models["reference"]["base"]["source"].startswith(base)
     # it trained: the policy moved away from the reference
     assert rows(straight)[-1]["kl"] > 0.0
+
+
+def test_grpo_stops_early_when_a_guard_reward_falls(base, run_root):
+    # The brightness of an untrained model's samples is far below 0.99: the guard trips
+    # after stop_patience iterations, the run ends with a checkpoint and status "stopped".
+    run_training("experiment=test_tiny", *GRPO, f"run_root={run_root}", "name=guard", f"checkpoint.init_from={base}",
+                 "stage.steps=6", "stage.grpo.stop_reward=brightness", "stage.grpo.stop_below=0.99",
+                 "stage.grpo.stop_patience=2", "checkpoint.every=100")
+    run_dir = os.path.join(run_root, "guard")
+    assert [r["step"] for r in rows(run_dir)] == [1, 2]
+    assert all(r["reward_brightness"] < 0.99 for r in rows(run_dir))
+    with open(os.path.join(run_dir, "status.json")) as f:
+        assert json.load(f)["state"] == "stopped"
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000002"))
