@@ -4,6 +4,7 @@ against its caption, print the accuracies beside a baseline.
     python -m trainer.evaluate runs/demo [--seeds 2] [--steps 20] [--guidance 3]
     python -m trainer.evaluate runs/pink_sft --prompts concept          # the fine-tuning target
     python -m trainer.evaluate runs/demo --lora runs/pink_lora:0.8 --prompts concept,held-out
+    python -m trainer.evaluate runs/demo runs/demo_pink runs/demo_dpo runs/demo_grpo --out runs/demo_stages
 
 Prompt sets (`--prompts`, comma-separated; default held-out,training,one-shape):
   held-out   the world's eight compositions pretraining never shows (data/shapes.py);
@@ -21,8 +22,12 @@ Scored: the newest checkpoint's EMA weights (live weights with --live), with any
 Baseline: the run's init model (`checkpoint.init_from`, an SFT run) labelled `base`;
 with --lora, the same weights without the adapters (`base`); else the untrained model.
 Each image counts as colours / shapes / relation right, and all-correct when all three
-are. Writes `eval.json` and `eval.png` (baseline and scored rows per set) into the run
-directory.
+are. `--reward NAME[:KEY=VALUE,...]` (repeatable) adds the mean score of a reward of
+rl/rewards per set, e.g. `--reward artifact:path=runs/demo/artifact` (P(clean)) or
+`--reward diversity` (over the seeds of each prompt, one group per prompt). Writes
+`eval.json` and `eval.png` (baseline and scored rows per set) into the run directory.
+Several runs (the stages of one recipe) are scored on the same prompts and seeds into
+one table and one grid under `--out` (stages.md, stages.json, stages.png).
 """
 
 import argparse
@@ -34,6 +39,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
+from data.latents import images_to_uint8
 from data.shapes import concept_prompts, concept_reference_prompts, concept_seen_prompts, score_caption
 from data.shapes_loader import build_shapes_data
 from data.sources import build_shard_data
@@ -98,36 +104,82 @@ def _grid(rows: list[tuple[str, torch.Tensor, list[str]]], cell: int = 128) -> n
                            for s in strips])
 
 
+def parse_reward(spec: str) -> tuple[str, dict]:
+    """"artifact:path=DIR,batch=8" -> ("artifact", {"path": "DIR", "batch": 8}); values that
+    read as numbers become numbers."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--reward {spec!r}: options are KEY=VALUE pairs separated by commas")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return name, options
+
+
+def shapes_data(run_dir: str):
+    """(run config, its data: text encoder, latents, world) of a shapes-world run."""
+    cfg = load_run_config(run_dir)
+    if cfg.data.name == "shapes":
+        return cfg, build_shapes_data(cfg.data, os.path.join(run_dir, "assets"), 1)
+    if cfg.data.name == "shards" and cfg.data.world == "shapes" and cfg.data.encoder_path:
+        return cfg, build_shard_data(cfg.data, 1, 0, 1, torch.device("cpu"))
+    raise ValueError(f"{run_dir}: evaluate scores shapes-world runs: data.name=shapes, or data.name=shards with "
+                     f"data.world=shapes and data.encoder_path (got data.name={cfg.data.name!r}, "
+                     f"world={cfg.data.world!r})")
+
+
+class Scorer:
+    """Generates every prompt of `sets` with `seeds` seeds (seed i for the i-th image of a
+    set, so every model is scored on the same noise) and scores the images: the checks,
+    and the mean of each of `rewards` (rl/rewards; diversity groups are a prompt's seeds)."""
+
+    def __init__(self, cfg, data, sets: dict[str, list[str]], seeds: int, steps: int, guidance: float,
+                 rewards: list[tuple[str, dict]] = ()):
+        self.cfg, self.data, self.sets, self.seeds, self.steps, self.guidance = cfg, data, sets, seeds, steps, guidance
+        self.side = cfg.data.image_size // data.latents.downsample
+        self.names = [n for n, _ in rewards]
+        self.extra = None
+        if rewards:
+            from rl.rewards import build_reward
+
+            self.extra = build_reward({n: 1.0 for n in self.names}, data.world, {n: o for n, o in rewards if o})
+
+    def __call__(self, model) -> tuple[dict, dict]:
+        """({set: scores}, {set: the first seed's images})."""
+        out, firsts = {}, {}
+        for name, ps in self.sets.items():
+            repeated = [p for p in ps for _ in range(self.seeds)]
+            images = generate(model, self.data.encoder.encode, self.data.latents.decode, repeated,
+                              list(range(len(repeated))), self.cfg.model, (self.side, self.side), self.steps,
+                              self.guidance, torch.device("cpu"))  # fmt: skip
+            out[name] = score(images, repeated)
+            if self.extra is not None:
+                details = self.extra(images_to_uint8(images).numpy(), repeated).details
+                out[name].update({n: float(details[n].float().mean()) for n in self.names})
+            firsts[name] = images[::self.seeds]
+        return out, firsts
+
+
 def evaluate(run_dir: str, seeds: int = 4, steps: int = 20, guidance: float = 3.0, live: bool = False,
-             prompts: list[str] = ("held-out", "training", "one-shape"), loras: list[tuple[str, float]] = ()) -> dict:
+             prompts: list[str] = ("held-out", "training", "one-shape"), loras: list[tuple[str, float]] = (),
+             rewards: list[tuple[str, dict]] = ()) -> dict:
     """Scores `run_dir` (and its baseline) on the prompt sets; writes eval.json / eval.png
     into it and returns the report: {"step", "weights", "baseline": label, label: scores,
     "trained": scores, ...}, scores being {set: {check: share of images}}."""
     from trainer.weights import load_weights  # run dirs, LoRA runs merged onto their base, releases
 
-    cfg = load_run_config(run_dir)
-    if cfg.data.name == "shapes":
-        data = build_shapes_data(cfg.data, os.path.join(run_dir, "assets"), 1)
-    elif cfg.data.name == "shards" and cfg.data.world == "shapes" and cfg.data.encoder_path:
-        data = build_shard_data(cfg.data, 1, 0, 1, torch.device("cpu"))
-    else:
-        raise ValueError(f"{run_dir}: evaluate scores shapes-world runs: data.name=shapes, or data.name=shards with "
-                         f"data.world=shapes and data.encoder_path (got data.name={cfg.data.name!r}, "
-                         f"world={cfg.data.world!r})")
-    side = cfg.data.image_size // data.latents.downsample
+    cfg, data = shapes_data(run_dir)
     sets = prompt_sets(list(prompts), data.world)
     which = "model" if live else "ema"
     loras = [(str(p), float(s)) for p, s in loras]
-
-    def run(model):
-        out, firsts = {}, {}
-        for name, ps in sets.items():
-            repeated = [p for p in ps for _ in range(seeds)]
-            images = generate(model, data.encoder.encode, data.latents.decode, repeated, list(range(len(repeated))),
-                              cfg.model, (side, side), steps, guidance, torch.device("cpu"))  # fmt: skip
-            out[name] = score(images, repeated)
-            firsts[name] = images[::seeds]
-        return out, firsts
+    run = Scorer(cfg, data, sets, seeds, steps, guidance, rewards)
 
     # The baseline says what the scored weights changed: the model an SFT run started
     # from, the weights without the adapters, or (pretraining) the untrained model.
@@ -155,7 +207,7 @@ def evaluate(run_dir: str, seeds: int = 4, steps: int = 20, guidance: float = 3.
     for s in sets:
         for model_name, r in ((label, before[s]), (name, after[s])):
             print(f"{s:<12} {model_name:<16} {r['colours']:>8.0%} {r['shapes']:>8.0%} {r['relation']:>9.0%} "
-                  f"{r['all_correct']:>12.0%}")
+                  f"{r['all_correct']:>12.0%}" + "".join(f" | {n} {r[n]:.3f}" for n in run.names))
     rows = [row for s in sets for row in ((f"{s}: {label}", before_images[s], sets[s]),
                                           (f"{s}: {name}", after_images[s], sets[s]))]
     Image.fromarray(_grid(rows)).save(os.path.join(run_dir, "eval.png"))
@@ -167,9 +219,66 @@ def evaluate(run_dir: str, seeds: int = 4, steps: int = 20, guidance: float = 3.
     return report
 
 
+def _same_path(a: str | None, b: str | None) -> bool:
+    return a == b or (a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b))
+
+
+def compare_stages(run_dirs: list[str], out_dir: str, seeds: int = 4, steps: int = 20, guidance: float = 3.0,
+                   prompts: list[str] = ("held-out", "training", "one-shape"),
+                   rewards: list[tuple[str, dict]] = ()) -> dict:
+    """Scores the runs of a recipe (pretraining, SFT, DPO, GRPO, ...) on the same prompts
+    and seeds, each run's newest checkpoint (EMA weights; a LoRA run merged onto its
+    base), and writes one table (stages.md), stages.json and one grid (stages.png: a
+    strip per run and set, the same noise in every column) into out_dir."""
+    from trainer.weights import load_weights
+
+    cfg, data = shapes_data(run_dirs[0])
+    sets = prompt_sets(list(prompts), data.world)
+    scorer = Scorer(cfg, data, sets, seeds, steps, guidance, rewards)
+    stages, rows = {}, []
+    for run_dir in run_dirs:
+        run_cfg = load_run_config(run_dir)
+        if run_cfg.model != cfg.model or not _same_path(run_cfg.data.encoder_path, cfg.data.encoder_path):
+            raise ValueError(f"{run_dir}: a different model or text encoder than {run_dirs[0]} "
+                             f"(model {run_cfg.model.name}, encoder {run_cfg.data.encoder_path!r}): the stages of one "
+                             f"recipe share both")
+        step_dir = resolve_checkpoint(run_dir)
+        if step_dir is None:
+            raise ValueError(f"{run_dir}: no checkpoint to score")
+        label = f"{run_cfg.name} ({run_cfg.stage.name}, {os.path.basename(step_dir)})"
+        scores, images = scorer(load_weights(run_dir, "ema", model_cfg=cfg.model))
+        stages[run_dir] = {"label": label, "stage": run_cfg.stage.name, "checkpoint": step_dir, "scores": scores}
+        rows += [(f"{name}: {label}", images[name], sets[name]) for name in sets]
+        print(f"scored {label}", flush=True)
+    names = list(sets)
+    head = ("| run | " + " | ".join(f"{n}: colours / shapes / relation / all" for n in names)
+            + "".join(f" | {r} ({names[0]})" for r in scorer.names) + " |")
+    lines = [head, "| --- " * (1 + len(names) + len(scorer.names)) + "|"]
+    for st in stages.values():
+        sc = st["scores"]
+        cells = [f"{sc[n]['colours']:.0%} / {sc[n]['shapes']:.0%} / {sc[n]['relation']:.0%} / "
+                 f"**{sc[n]['all_correct']:.0%}**" for n in names]
+        cells += [f"{sc[names[0]][r]:.3f}" for r in scorer.names]
+        lines.append(f"| {st['label']} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(out_dir, exist_ok=True)
+    order = sorted(range(len(rows)), key=lambda i: (i % len(names), i // len(names)))  # by set, then stage
+    Image.fromarray(_grid([rows[i] for i in order])).save(os.path.join(out_dir, "stages.png"))
+    report = {"seeds": seeds, "steps": steps, "guidance": guidance, "prompts": sets, "rewards": scorer.names,
+              "stages": stages}
+    with open(os.path.join(out_dir, "stages.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, "stages.md"), "w") as f:
+        f.write(f"{seeds} seeds per prompt, {steps} Euler steps, guidance {guidance}\n\n{table}\n")
+    print(f"grid: {os.path.join(out_dir, 'stages.png')}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="+", help="a run; several runs: compare them as stages of one recipe (--out)")
+    p.add_argument("--out", help="with several runs: the folder for stages.md, stages.json and stages.png")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
@@ -178,10 +287,20 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"comma-separated prompt sets: {', '.join(PROMPT_SETS)}")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA run's adapters (repeatable; scale 1 by default)")
+    p.add_argument("--reward", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="also report the mean score of this reward of rl/rewards per set (repeatable)")
     a = p.parse_args(argv)
+    prompt_names = [s.strip() for s in a.prompts.split(",") if s.strip()]
+    rewards = [parse_reward(x) for x in a.reward]
+    if len(a.run_dir) > 1:
+        if not a.out or a.lora or a.live:
+            p.error("several runs are compared as stages: give --out, and no --lora or --live")
+        with torch.no_grad():
+            compare_stages(a.run_dir, a.out, a.seeds, a.steps, a.guidance, prompt_names, rewards)
+        return
     with torch.no_grad():  # not a global switch: main() is also called in-process
-        evaluate(a.run_dir, a.seeds, a.steps, a.guidance, a.live,
-                 [s.strip() for s in a.prompts.split(",") if s.strip()], [parse_lora(x) for x in a.lora])
+        evaluate(a.run_dir[0], a.seeds, a.steps, a.guidance, a.live,
+                 prompt_names, [parse_lora(x) for x in a.lora], rewards)
 
 
 if __name__ == "__main__":
