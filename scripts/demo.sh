@@ -11,7 +11,14 @@
 #             and held-out validation sets, with the base's own text encoder;
 #   lora      fine-tunes a LoRA on the base to draw it (stage=sft, validation loss);
 #   compare   scores the LoRA against its base: the new colour, the same prompts with a
-#             colour the base knows, and the base's own prompts (runs/<name>_pink/eval.png).
+#             colour the base knows, and the base's own prompts (runs/<name>_pink/eval.png);
+#   artifact  trains the artifact reward's classifier (clean world images against JPEG
+#             blocks, noise, grids, over-saturation) into runs/<name>/artifact;
+#   dpo       flow DPO from the LoRA run on pairs of its own samples ranked by the rubric;
+#   grpo      GRPO from the DPO run with the rubric reward (artifact and diversity logged,
+#             the artifact score guarding it);
+#   stages    scores pretraining, SFT, DPO and GRPO on the same prompts and seeds: one
+#             table (rubric checks, artifact, diversity) and one grid in runs/<name>_stages.
 # Extra arguments are Hydra overrides of the pretraining (e.g. stage.steps=800 name=longer).
 # `K2_DEMO_STAGES="lora compare" bash scripts/demo.sh` runs only those stages.
 # Interrupt it and run it again: finished jobs are not redone and training resumes
@@ -23,7 +30,7 @@ cd "$root"
 py="${K2_VENV:-$root/.venv}/bin/python"
 name=demo
 for arg in "$@"; do [[ "$arg" == name=* ]] && name="${arg#name=}"; done
-stages="${K2_DEMO_STAGES:-ingest pretrain evaluate concept lora compare}"
+stages="${K2_DEMO_STAGES:-ingest pretrain evaluate concept lora compare artifact dpo grpo stages}"
 samples="${K2_DEMO_SAMPLES:-24000}"  # 2800 steps x batch 32: under four epochs
 write=(--chunk-size 2000 --resolution 32 --bucket-multiple 16 --latents shapes_ae --vae-path "runs/$name/autoencoder"
        --text-len 16 --workers 2 --run-dir "runs/$name/krablet")
@@ -43,4 +50,15 @@ pink=(experiment=demo_lora "name=${name}_pink" "data.path=runs/$name/shards_pink
       "checkpoint.init_from=runs/$name")
 run lora && "$py" -m trainer.train "${pink[@]}"
 run compare && "$py" -m trainer.evaluate "runs/${name}_pink" --prompts concept-seen,concept,held-out,training --seeds 4
+if run artifact && [[ ! -f "runs/$name/artifact/config.json" ]]; then  # written last: a finished head
+  "$py" -m rl.rewards.artifact --out "runs/$name/artifact" --image-size 32
+fi
+rl=("data.path=runs/$name/shards" "data.encoder_path=runs/$name/shards/text_encoder"
+    "data.vae_path=runs/$name/autoencoder")
+run dpo && "$py" -m trainer.train experiment=demo_dpo "name=${name}_dpo" "checkpoint.init_from=runs/${name}_pink" \
+  "${rl[@]}"
+run grpo && "$py" -m trainer.train experiment=demo_grpo "name=${name}_grpo" "checkpoint.init_from=runs/${name}_dpo" \
+  "${rl[@]}" "++stage.grpo.reward_options={artifact:{path:runs/$name/artifact}}"
+run stages && "$py" -m trainer.evaluate "runs/$name" "runs/${name}_pink" "runs/${name}_dpo" "runs/${name}_grpo" \
+  --out "runs/${name}_stages" --seeds 4 --reward "artifact:path=runs/$name/artifact" --reward diversity
 exit 0

@@ -10,10 +10,11 @@ if [[ -f "$stamp" && "$stamp" -nt "$root/pyproject.toml" ]]; then
 fi
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
-# A CPU build of torch first: with torch already present, the other packages do
-# not pull the multi-GB CUDA build.
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  "$venv/bin/pip" install -q "torch==2.13.0" || "$venv/bin/pip" install -q torch
+# torch and torchvision first, as a matching pair (open_clip, for the artifact and
+# diversity rewards, needs torchvision, which must be built for the same torch):
+# with both present, the other packages pull no other build.
+if ! "$venv/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+  "$venv/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1" || "$venv/bin/pip" install -q torch torchvision
 fi
 "$venv/bin/pip" install -q -e "$root[test]"
 touch "$stamp"

@@ -5,15 +5,23 @@
 `images_BHWC` is RGB uint8 numpy (B, H, W, 3), the format the shapes world renders and
 its checker reads; a stage holding decoded float images in [-1, 1] (B, 3, H, W)
 converts them once with `data.latents.images_to_uint8(images).numpy()`. `prompts` has
-one prompt per image. `scores` is float32 (B,) in [0, 1]; `details` maps a name to a
-float32 (B,) tensor of per-image values (per-requirement-kind pass rates, per-component
-scores) that a stage averages for its log.
+one prompt per image. `scores` is float32 (B,) in [0, 1] (diversity: [0, 2]); `details`
+maps a name to a float32 (B,) tensor of per-image values (per-requirement-kind pass rates,
+per-component scores) that a stage averages for its log.
 
 The rewards:
     rubric    ShapesRubricReward (rubric.py): the prompt split into verifiable
               requirements, each checked exactly by the shapes world's own checker
     vlm       VLMYesNoReward (vlm.py): P("Yes") of a Qwen3-VL asked each requirement
     weighted  WeightedReward (combine.py): a weighted mean of several
+    artifact  ArtifactReward (artifact.py): P(clean) from a logistic head on open_clip image
+              embeddings, trained on world images against JPEG-blocked, noisy, gridded and
+              over-saturated copies (`python -m rl.rewards.artifact --out DIR`).
+              Options: path (the head folder, required), device, batch_size
+    diversity DiversityReward (diversity.py): each image's mean cosine distance (1 - cos,
+              in [0, 2]) to the other images of its prompt's group; 0 alone.
+              Options: model (open_clip name, default the tiny random "k2-tiny-resnet"),
+              pretrained (tag or checkpoint path), init_seed, device, batch_size
 
 `build_reward({"rubric": 1.0, "vlm": 0.5}, world, options={"vlm": {"path": ...}})`
 builds them by name from a stage's config; `group_advantages` turns scores into GRPO's
@@ -88,8 +96,9 @@ def group_advantages(scores_B: torch.Tensor, group_ids_B: torch.Tensor, clip: fl
 
 
 # Name -> module; each module has `build(world, **options) -> Reward`. Imported on use,
-# so a stage that only needs the rubric never imports transformers' vision models.
-REWARDS = {"rubric": "rl.rewards.rubric", "vlm": "rl.rewards.vlm"}
+# so a stage that only needs the rubric never imports transformers' or open_clip's models.
+REWARDS = {"rubric": "rl.rewards.rubric", "vlm": "rl.rewards.vlm", "artifact": "rl.rewards.artifact",
+           "diversity": "rl.rewards.diversity"}
 
 
 def build_reward(weights: Mapping[str, float], world=None,

@@ -15,9 +15,9 @@ With `questions="rubric"` the questions are the prompt's rubric requirements
 "<prompt>"?', for any prompt.
 
 Inputs are built from the checkpoint's tokenizer, image processor and chat template
-exactly as `Qwen3VLProcessor` builds them (tests/rl/test_rewards.py compares the two),
-not through the processor itself: transformers cannot construct a processor that has a
-video slot, Qwen3-VL's included, without torchvision, which is no dependency here.
+exactly as `Qwen3VLProcessor` builds them (tests/rl/test_rewards.py compares the two,
+the reference being the processor transformers loads from the same folder), batched
+and left-padded so only the last position's logits are computed.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-from transformers.processing_utils import ProcessorMixin
-from transformers.video_processing_utils import VideoProcessorMixin
+from transformers import (Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                          Qwen3VLVideoProcessor)
 
 from data.shapes import BACKGROUNDS, Scene, ShapesWorld, parse_caption, scene_to_caption, score_caption
 from data.text import tiny_encoder_config, train_tokenizer
@@ -232,19 +231,9 @@ VLM_PROMPTS = ["a red circle", "a purple triangle above a green circle",
 
 
 def _processor(image_processor, tokenizer) -> Qwen3VLProcessor:
-    """transformers' own Qwen3-VL processor, the reference the reward is checked against.
-
-    Without torchvision transformers cannot construct it: the class check of its video
-    slot looks the base class up in the video-processor mapping, a placeholder then. The
-    check alone is skipped for that slot, which holds the base VideoProcessorMixin (no
-    video is ever passed); the processor's image and text code runs unchanged.
-    """
-    check = ProcessorMixin.check_argument_for_proper_class
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ProcessorMixin, "check_argument_for_proper_class",
-                      lambda self, name, arg: type(arg) if name == "video_processor" else check(self, name, arg))
-        return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                video_processor=VideoProcessorMixin(), chat_template=CHAT_TEMPLATE)
+    """transformers' own Qwen3-VL processor (its video slot unused: no video is ever passed)."""
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -271,10 +260,11 @@ def tiny_vlm(tmp_path_factory):
     image_processor = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
                                                size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64},
                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = _processor(image_processor, tokenizer)
-    processor.save_pretrained(str(folder))
+    _processor(image_processor, tokenizer).save_pretrained(str(folder))
     model.save_pretrained(str(folder))
-    return str(folder), model, processor
+    # The reference: transformers' own processor as it loads from the checkpoint folder
+    # (the image processor class transformers picks for it, as the reward's loader does).
+    return str(folder), model, Qwen3VLProcessor.from_pretrained(str(folder))
 
 
 def _reference_yes(model, processor, image_HWC, question) -> float:
