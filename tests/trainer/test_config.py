@@ -45,8 +45,14 @@ def test_unknown_key_in_a_yaml_file_is_named(tmp_path, run_root):
 def test_inconsistent_values_are_rejected_with_the_key(run_root):
     out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage.global_batch_size=6")
     assert "stage.global_batch_size" in out
-    out = _fails("experiment=test_tiny", f"run_root={run_root}", "model.rope_axes=[8,8,8]")
-    assert "model.rope_axes" in out
+    from hydra import compose, initialize_config_dir
+
+    from trainer.train import to_config
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+        cfg = to_config(compose("train", overrides=["experiment=test_tiny", "model.rope_axes=[8,8,8]"]))
+    with pytest.raises(ValueError, match=re.escape("model.rope_axes")):
+        cfg.validate(world_size=1)
 
 
 def test_run_directory_defaults_to_the_slurm_job_id(run_root):
@@ -85,12 +91,19 @@ def test_stage_settings_are_checked_with_the_config(run_root):
     """Stage settings fail before any work starts — in the trainer and in `slurm.submit --dry-run`."""
     out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage=pretrain_256_repa", "stage.repa.block=99")
     assert "stage.repa.block=99" in out
-    out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage.lora.rank=4")
-    assert "checkpoint.init_from" in out  # a LoRA needs weights to adapt
-    out = _fails("experiment=test_tiny", f"run_root={run_root}", "optimizer.schedule=linear")
-    assert "optimizer.schedule" in out
-    out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage.kind=nowhere.module:Stage")
-    assert "stage.kind" in out
+    # The same check the trainer runs before anything else (its main: to_config, validate), in-process.
+    from hydra import compose, initialize_config_dir
+
+    from trainer.train import to_config
+
+    for override, named in (("stage.lora.rank=4", "checkpoint.init_from"),  # a LoRA needs weights to adapt
+                            ("optimizer.schedule=linear", "optimizer.schedule"),
+                            ("stage.kind=nowhere.module:Stage", "stage.kind")):
+        with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+            cfg = to_config(compose("train", overrides=["experiment=test_tiny", f"run_root={run_root}", override]))
+        with pytest.raises(ValueError, match=re.escape(named)):
+            cfg.validate(world_size=1)
+    assert not os.path.exists(run_root)
     proc = subprocess.run(
         [sys.executable, "-m", "slurm.submit", "--dry-run", "+launcher=slurm", "experiment=test_tiny",
          f"run_root={run_root}", "stage.micro_batch_size=1", "stage=pretrain_256_repa", "stage.repa.block=99"],
@@ -100,7 +113,7 @@ def test_stage_settings_are_checked_with_the_config(run_root):
 
 
 # ---- every value with a range is checked before a run directory is made ----------------------
-@pytest.mark.parametrize("override,named", [
+BAD_VALUES = [
     ("+stage.stpes=5", "unknown key stage.stpes (did you mean stage.steps?)"),  # `+` cannot add a field
     ("stage.global_batch_size=0", "stage.global_batch_size must be > 0"),  # trained nothing, logged NaN
     ("stage.micro_batch_size=0", "stage.micro_batch_size must be > 0"),  # ZeroDivisionError
@@ -108,15 +121,31 @@ def test_stage_settings_are_checked_with_the_config(run_root):
     ("optimizer.lr=-1e-3", "optimizer.lr must be > 0"),
     ("optimizer.betas=[0.9]", "optimizer.betas must be two numbers"),  # IndexError inside torch
     ("device=tpu", "device must be auto|cpu|cuda"),  # ran on the CPU
-])
+]
+BASE = ["model=tiny", "device=cpu", "name=bad", "stage.steps=2", "stage.global_batch_size=2",
+        "stage.micro_batch_size=2", "log.tensorboard=false"]
+
+
+@pytest.mark.parametrize("override,named", [BAD_VALUES[0], BAD_VALUES[2]])
 def test_bad_value_exits_2_naming_the_key_before_the_run_directory(run_root, override, named):
-    proc = subprocess.run(train_cmd("model=tiny", "device=cpu", f"run_root={run_root}", "name=bad", "stage.steps=2",
-                                    "stage.global_batch_size=2", "stage.micro_batch_size=2", "log.tensorboard=false",
-                                    override),
+    proc = subprocess.run(train_cmd(*BASE, f"run_root={run_root}", override),
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert named in proc.stderr
     assert not os.path.exists(run_root)  # not even Hydra's run directory
+
+
+@pytest.mark.parametrize("override,named", BAD_VALUES)
+def test_bad_value_is_named_by_what_the_trainer_checks_first(run_root, override, named):
+    """What the trainer's main runs before anything else (to_config, validate), in-process:
+    the same message for every value the CLI test above would exit 2 on."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.train import to_config
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+            to_config(compose("train", overrides=[*BASE, f"run_root={run_root}", override])).validate(world_size=1)
 
 
 def test_slurm_dry_run_refuses_unknown_keys_too(run_root, capsys):
