@@ -15,16 +15,27 @@ def losses(run_dir):
         return [json.loads(line)["loss"] for line in f]
 
 
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The 1-process reference run both meshes are compared with."""
+    root = str(tmp_path_factory.mktemp("runs"))
+    run_training("experiment=test_tiny", f"run_root={root}", f"stage.steps={STEPS}", f"checkpoint.every={STEPS}",
+                 "name=one", "stage.micro_batch_size=8")
+    return os.path.join(root, "one")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["fsdp", "hsdp"])
-def test_two_process_fsdp_matches_one_process(run_root, mesh):
-    common = ["experiment=test_tiny", f"run_root={run_root}", "stage.steps=20", "checkpoint.every=20"]
-    run_training(*common, "name=one", "stage.micro_batch_size=8")
+def test_two_process_fsdp_matches_one_process(run_root, one_process, mesh):
+    common = ["experiment=test_tiny", f"run_root={run_root}", f"stage.steps={STEPS}", f"checkpoint.every={STEPS}"]
     # fsdp: both ranks shard every block; hsdp: a (2 replicate x 1 shard) mesh
     two = ["name=two", "stage.micro_batch_size=4"] + (["parallel.dp_replicate=2"] if mesh == "hsdp" else [])
     run_training(*common, *two, nproc=2)
-    one, two = losses(os.path.join(run_root, "one")), losses(os.path.join(run_root, "two"))
-    assert len(one) == len(two) == 20
+    one, two = losses(one_process), losses(os.path.join(run_root, "two"))
+    assert len(one) == len(two) == STEPS
     for step, (a, b) in enumerate(zip(one, two), 1):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: {a} vs {b}"
     # and the loss actually moved: the runs trained, not just agreed
