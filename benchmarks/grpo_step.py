@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+from train_step import load_config  # the model config by name, or the tiny one (--tiny)
 
 from rl.config import GRPOConfig
 from rl.grpo import GRPOStage
@@ -71,25 +71,6 @@ def parse_args() -> argparse.Namespace:
         args.image_size, args.text_len, args.valid_text = 128, 16, 10
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
     return args
-
-
-def tiny_config() -> ModelConfig:
-    return ModelConfig(
-        name="tiny", latent_channels=16, patch_size=2, dim=128, num_blocks=2, num_heads=4, num_kv_heads=2,
-        mlp_hidden=256, timestep_dim=64, text_dim=64, num_text_layers=3, text_num_heads=2, text_num_kv_heads=2,
-        text_mlp_hidden=128, rope_axes=[8, 12, 12],
-    )  # fmt: skip
-
-
-def load_config(args) -> ModelConfig:
-    if args.tiny:
-        return tiny_config()
-    path = ROOT / "configs/model" / f"{args.model}.yaml"
-    if not path.exists():
-        raise ValueError(f"no model config {path}")
-    cfg = ModelConfig(**yaml.safe_load(path.read_text()))
-    cfg.validate()
-    return cfg
 
 
 def train_config(model: ModelConfig, args) -> TrainConfig:
