@@ -1,7 +1,13 @@
 """``python -m krablet {init,submit,worker,drain,status,retry}``.
 
-Shards come from ``--dsn`` (repeatable), else ``KRABLET_DSNS`` (comma-separated),
-else an embedded PostgreSQL in ``--run-dir`` with ``--shards`` databases.
+Shards come from ``--dsn`` (repeatable), else ``--dsn-file`` / ``KRABLET_DSN_FILE``
+(one DSN per line), else ``KRABLET_DSNS`` (comma-separated), else an embedded
+PostgreSQL in ``--run-dir`` with ``--shards`` databases. ``--dsn`` must not carry a
+password (the process arguments are visible to every user in ``ps``): put it in
+the environment, the DSN file, a libpq service file (``service=NAME``) or passfile.
+
+Exit status: 0 done, 1 a shard is down (``status``), 2 refused input or a
+connection error that retrying cannot fix (wrong password, no such database).
 """
 
 from __future__ import annotations
@@ -15,17 +21,39 @@ import sys
 import time
 from collections import defaultdict
 
+import psycopg
+
+from krablet.dsn import PermanentConnectionError, has_password, is_permanent, mask_dsn, read_dsn_file, reason
 from krablet.embedded import EmbeddedPostgres
-from krablet.kinds import import_kinds
-from krablet.queue import NewJob, ShardQueue, connect
+from krablet.kinds import import_kinds, validate_payload
+from krablet.queue import NewJob, ShardQueue, connect, to_json
 from krablet.schema import migrate
-from krablet.shards import ShardSet, mask_dsn
+from krablet.shards import ShardSet, SubmitIncomplete
 from krablet.worker import WorkerConfig, run_pool
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed, exit status 2."""
+
+
+def configured_dsns(args) -> list[str]:
+    """The shard DSNs from --dsn, --dsn-file / KRABLET_DSN_FILE or KRABLET_DSNS (empty: embedded)."""
+    for dsn in args.dsn or []:
+        if has_password(dsn):
+            raise UsageError(f"--dsn {mask_dsn(dsn)}: a password in the process arguments is visible to every "
+                             "user in ps; put the DSN in KRABLET_DSNS or a --dsn-file, or the password in a "
+                             "libpq passfile (~/.pgpass, PGPASSFILE) or service file (PGSERVICEFILE)")
+    if args.dsn:
+        return args.dsn
+    path = getattr(args, "dsn_file", None) or os.environ.get("KRABLET_DSN_FILE")
+    if path:
+        return read_dsn_file(path)
+    return [d.strip() for d in os.environ.get("KRABLET_DSNS", "").split(",") if d.strip()]
 
 
 @contextlib.contextmanager
 def shard_dsns(args):
-    dsns = args.dsn or [d.strip() for d in os.environ.get("KRABLET_DSNS", "").split(",") if d.strip()]
+    dsns = configured_dsns(args)
     if dsns:
         yield dsns
         return
@@ -40,6 +68,44 @@ def cmd_init(args, dsns) -> int:
     return 0
 
 
+_FILE_FIELDS = {"kind": "a string", "payload": "an object", "key": "a non-empty string",
+                "priority": "an integer", "max_attempts": "an integer >= 1", "deps": "a list of keys (strings)"}
+
+
+def _field_ok(name: str, value) -> bool:
+    if name in ("kind", "key"):
+        return isinstance(value, str) and bool(value)
+    if name == "payload":
+        return isinstance(value, dict)
+    if name in ("priority", "max_attempts"):
+        return isinstance(value, int) and not isinstance(value, bool) and (name == "priority" or value >= 1)
+    return isinstance(value, list) and all(isinstance(d, str) and d for d in value)  # deps
+
+
+def _job_from_line(spec, where: str, args, deps: tuple[str, ...]) -> NewJob:
+    """One --file line's job, every field's type checked; ValueError names the file and line."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: a line must be a JSON object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(_FILE_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(_FILE_FIELDS)})")
+    for name, value in spec.items():
+        if not _field_ok(name, value):
+            raise ValueError(f"{where}: field {name!r} must be {_FILE_FIELDS[name]}, "
+                             f"got {type(value).__name__} {json.dumps(value)[:80]}")
+    kind = spec.get("kind", args.kind)
+    if kind is None:
+        raise ValueError(f"{where}: no 'kind' and no KIND argument")
+    payload = spec.get("payload", {})
+    try:
+        validate_payload(kind, payload)
+        to_json(payload, "payload")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return NewJob(kind, payload, spec.get("key"), spec.get("priority", args.priority),
+                  spec.get("max_attempts", args.max_attempts), tuple(spec.get("deps", deps)))
+
+
 def _jobs_from_args(args) -> list[NewJob]:
     deps = tuple(d for d in (args.deps or "").split(",") if d)
     jobs = []
@@ -52,11 +118,7 @@ def _jobs_from_args(args) -> list[NewJob]:
                     spec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{args.file}:{n}: not JSON: {e}") from None
-                kind = spec.get("kind", args.kind)
-                if kind is None:
-                    raise ValueError(f"{args.file}:{n}: no 'kind' and no KIND argument")
-                jobs.append(NewJob(kind, spec.get("payload", {}), spec.get("key"), spec.get("priority", args.priority),
-                                   spec.get("max_attempts", args.max_attempts), tuple(spec.get("deps", deps))))
+                jobs.append(_job_from_line(spec, f"{args.file}:{n}", args, deps))
     for n, text in enumerate(args.payloads):
         try:
             payload = json.loads(text)
@@ -73,8 +135,14 @@ def cmd_submit(args, dsns) -> int:
         jobs = _jobs_from_args(args)
         inserted = ShardSet(dsns).submit(jobs)
     except ValueError as e:
-        print(f"rejected: {e}", file=sys.stderr)
+        print(f"rejected, nothing was submitted: {e}", file=sys.stderr)
         return 2
+    except SubmitIncomplete as e:
+        print(f"submit incomplete: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a shard down or refusing: nothing was written
+        print(f"not submitted, nothing was written: {e}", file=sys.stderr)
+        return 2 if isinstance(e, PermanentConnectionError) else 1
     print(f"submitted {len(inserted)} new jobs ({len(jobs) - len(inserted)} already existed)")
     return 0
 
@@ -92,16 +160,53 @@ def cmd_drain(args, dsns) -> int:
     return run_pool(_worker_config(args, dsns, drain=True), args.procs)
 
 
-def _status_once(dsns, interval: float) -> str:
+IDLE_WARN_S = 60.0  # a transaction idle this long holds back vacuum on the whole server
+DEAD_ROWS_WARN = 100_000  # dead rows in krablet_jobs past this, and more than the live ones
+
+
+def _health_warnings(conn, shard: int, previous_dead: int | None) -> tuple[list[str], int]:
+    """Warnings about what slows a queue down over time: long-idle transactions and
+    snapshots (vacuum cannot remove rows they may still see), and dead rows piling up."""
+    warnings = []
+    for pid, app, user, state, idle_s, xact_s, db in conn.execute(
+            "SELECT pid, application_name, usename, state, extract(epoch FROM now() - state_change),"
+            " extract(epoch FROM now() - xact_start), datname FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND xact_start IS NOT NULL"
+            " AND (backend_xmin IS NOT NULL OR state LIKE 'idle in transaction%%')"
+            " AND now() - xact_start > make_interval(secs => %s) ORDER BY xact_start",
+            (IDLE_WARN_S,)).fetchall():
+        what = f"idle in transaction for {idle_s:.0f}s" if state and state.startswith("idle in") else \
+            f"in a transaction open for {xact_s:.0f}s ({state})"
+        warnings.append(f"  WARNING shard {shard}: session pid {pid} ({app or '-'}, user {user}, database {db}) "
+                        f"{what}: vacuum cannot remove dead rows while it lasts; end it, or set "
+                        "idle_in_transaction_session_timeout on the server")
+    row = conn.execute("SELECT n_dead_tup, n_live_tup, last_autovacuum FROM pg_stat_user_tables"
+                       " WHERE relname = 'krablet_jobs'").fetchone()
+    dead = row[0] if row else 0
+    if row and dead > DEAD_ROWS_WARN and dead > row[1]:
+        growth = f", +{dead - previous_dead} since the last look" if previous_dead is not None and \
+            dead > previous_dead else ""
+        warnings.append(f"  WARNING shard {shard}: krablet_jobs holds {dead} dead rows against {row[1]} live"
+                        f"{growth} (last autovacuum {row[2] or 'never'}): claims slow down until vacuum catches up")
+    return warnings, dead
+
+
+def _status_once(dsns, interval: float, dead_rows: dict[int, int] | None = None) -> tuple[str, int]:
+    """The status text and how many shards are down."""
     lines = []
     total_rate = 0.0
+    down = 0
+    dead_rows = {} if dead_rows is None else dead_rows
     for i, dsn in enumerate(dsns):
         try:
             with connect(dsn) as conn:
                 q = ShardQueue(conn)
                 counts, finished = q.counts(), q.finished_since(interval)
-        except Exception as e:
-            lines.append(f"shard {i} ({mask_dsn(dsn)}): DOWN ({type(e).__name__})")
+                warnings, dead_rows[i] = _health_warnings(conn, i, dead_rows.get(i))
+        except psycopg.Error as e:
+            down += 1
+            hint = " (retrying will not help: check the DSN and credentials)" if is_permanent(e) else ""
+            lines.append(f"shard {i} ({mask_dsn(dsn)}): DOWN: {reason(e)}{hint}")
             continue
         rate = finished / interval
         total_rate += rate
@@ -112,16 +217,18 @@ def _status_once(dsns, interval: float) -> str:
         for kind in sorted(by_kind):
             states = " ".join(f"{s}={c}" for s, c in sorted(by_kind[kind].items()))
             lines.append(f"  {kind:<16} {states}")
-    lines.append(f"total: {total_rate:.1f} jobs/s")
-    return "\n".join(lines)
+        lines += warnings
+    lines.append(f"total: {total_rate:.1f} jobs/s" + (f"; {down} of {len(dsns)} shards DOWN" if down else ""))
+    return "\n".join(lines), down
 
 
 def cmd_status(args, dsns) -> int:
+    dead_rows: dict[int, int] = {}
     while True:
-        text = _status_once(dsns, args.interval)
+        text, down = _status_once(dsns, args.interval, dead_rows)
         if not args.watch:
             print(text)
-            return 0
+            return 1 if down else 0
         print("\033[2J\033[H" + time.strftime("%H:%M:%S") + "\n" + text, flush=True)
         time.sleep(args.interval)
 
@@ -137,7 +244,9 @@ def cmd_retry(args, dsns) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m krablet")
-    p.add_argument("--dsn", action="append", help="shard DSN (repeat per shard); default $KRABLET_DSNS")
+    p.add_argument("--dsn", action="append",
+                   help="shard DSN without a password (repeat per shard); default --dsn-file, then $KRABLET_DSNS")
+    p.add_argument("--dsn-file", help="file with one shard DSN per line; default $KRABLET_DSN_FILE")
     p.add_argument("--run-dir", default="runs/krablet", help="embedded PostgreSQL lives here when no DSN")
     p.add_argument("--shards", type=int, default=2, help="embedded: number of shard databases")
     p.add_argument("--kinds", action="append", default=[], help="module registering job kinds (repeatable)")
@@ -175,5 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
     args = build_parser().parse_args(argv)
-    with shard_dsns(args) as dsns:
-        return COMMANDS[args.command](args, dsns)
+    try:
+        with shard_dsns(args) as dsns:
+            return COMMANDS[args.command](args, dsns)
+    except (UsageError, PermanentConnectionError) as e:
+        print(f"krablet: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # a DSN file that cannot be read as DSNs
+        print(f"krablet: {e}", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as e:  # init, retry: the shard's own words, the DSN masked
+        print(f"krablet: cannot reach a shard: {reason(e)}", file=sys.stderr)
+        return 2 if is_permanent(e) else 1

@@ -13,24 +13,48 @@ the ids it did not get back are reported as lost.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
+from krablet.dsn import Dsn, reveal
 from krablet.kinds import validate_payload
 
+INT4_MAX = 2**31 - 1
+KEY_MAX_BYTES = 2000  # a btree entry must fit in a third of a page (2704 bytes)
 
-def connect(dsn: str, *, idle_timeout_ms: int = 10_000, connect_timeout: int = 5) -> psycopg.Connection:
-    return psycopg.connect(
-        dsn,
-        autocommit=True,
-        connect_timeout=connect_timeout,
-        application_name="krablet",
-        options=f"-c idle_in_transaction_session_timeout={idle_timeout_ms}",
-    )
+
+def connect(dsn: str | Dsn, *, idle_timeout_ms: int = 10_000, statement_timeout_ms: int = 0,
+            connect_timeout: int = 5, autocommit: bool = True) -> psycopg.Connection:
+    options = f"-c idle_in_transaction_session_timeout={idle_timeout_ms}"
+    if statement_timeout_ms:
+        options += f" -c statement_timeout={statement_timeout_ms}"
+    return psycopg.connect(reveal(dsn), autocommit=autocommit, connect_timeout=connect_timeout,
+                           application_name="krablet", options=options)
+
+
+def to_json(value: Any, what: str) -> str:
+    """``value`` as the JSON text PostgreSQL's jsonb will accept, or ValueError naming ``what``.
+
+    Refused: what json cannot encode (sets, bytes, objects), NaN and infinities (not
+    JSON, though Python writes them), NUL characters and lone surrogates (jsonb
+    cannot store them)."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} is not JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is not JSON: nested too deeply (or refers to itself)") from None
+    if "\\u0000" in text:
+        raise ValueError(f"{what} holds a NUL character (\\u0000), which PostgreSQL cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate ({e.object[e.start:e.end]!r}), which is not UTF-8") from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -52,10 +76,68 @@ class NewJob:
     max_attempts: int = 5
     deps: tuple[str, ...] = ()
 
-    def with_key(self) -> NewJob:
-        if self.key is not None:
-            return self
-        return NewJob(self.kind, self.payload, uuid.uuid4().hex, self.priority, self.max_attempts, self.deps)
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A NewJob checked field by field, its payload already JSON text: what insert writes."""
+
+    key: str
+    kind: str
+    payload_json: str
+    priority: int
+    max_attempts: int
+    deps: tuple[str, ...]
+
+
+def _check_key(key: Any, what: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{what} must be a non-empty string, got {type(key).__name__} {key!r}")
+    if "\x00" in key:
+        raise ValueError(f"{what} holds a NUL character, which PostgreSQL cannot store")
+    if len(key.encode("utf-8", "surrogatepass")) > KEY_MAX_BYTES:
+        raise ValueError(f"{what} is longer than {KEY_MAX_BYTES} bytes")
+    return key
+
+
+def _check_int(value: Any, what: str, lo: int) -> int:
+    # bool is an int subclass in Python, but `true` is not a priority.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    if not lo <= value <= INT4_MAX:
+        raise ValueError(f"{what} must be in [{lo}, {INT4_MAX}], got {value}")
+    return value
+
+
+def prepare_jobs(new_jobs: list[NewJob]) -> list[PreparedJob]:
+    """Check every field of every job and serialise its payload, before any shard is touched.
+
+    A job without a key gets one derived from what it is (kind, payload, priority,
+    attempts, deps) and how many identical jobs precede it in the batch: submitting
+    the same batch again (after an error, or a crash between two shards' commits)
+    adds exactly what is missing. Raises ValueError naming the job's position."""
+    prepared, seen = [], {}
+    for n, job in enumerate(new_jobs):
+        where = f"job {n}" + (f" (key {job.key!r})" if isinstance(job.key, str) else "")
+        if not isinstance(job.kind, str):
+            raise ValueError(f"{where}: kind must be a string, got {type(job.kind).__name__}")
+        try:
+            validate_payload(job.kind, job.payload)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        payload_json = to_json(job.payload, f"{where}: {job.kind}: payload")
+        priority = _check_int(job.priority, f"{where}: priority", -INT4_MAX - 1)
+        max_attempts = _check_int(job.max_attempts, f"{where}: max_attempts", 1)
+        if isinstance(job.deps, (str, bytes)) or not isinstance(job.deps, (tuple, list)):
+            raise ValueError(f"{where}: deps must be a list of keys, got {type(job.deps).__name__} {job.deps!r}")
+        deps = tuple(_check_key(d, f"{where}: dependency") for d in job.deps)
+        if job.key is None:
+            spec = json.dumps([job.kind, payload_json, priority, max_attempts, deps])
+            count = seen[spec] = seen.get(spec, -1) + 1
+            key = "auto-" + hashlib.blake2b(f"{spec}#{count}".encode(), digest_size=16).hexdigest()
+        else:
+            key = _check_key(job.key, f"{where}: key")
+        prepared.append(PreparedJob(key, job.kind, payload_json, priority, max_attempts, deps))
+    return prepared
 
 
 # Picks pending jobs (priority, then age) and running jobs whose lease expired.
@@ -160,35 +242,39 @@ RETURNING j.key
 
 
 def insert_jobs(conn: psycopg.Connection, new_jobs: list[NewJob]) -> list[str]:
-    """Validate then insert in one statement; returns the keys actually inserted
+    """Check then insert in one transaction; returns the keys actually inserted
     (a key that already exists is a no-op: idempotent resubmit)."""
-    for job in new_jobs:
-        validate_payload(job.kind, job.payload)
-        if job.max_attempts < 1:
-            raise ValueError(f"{job.kind}: max_attempts must be >= 1")
-    if not new_jobs:
-        return []
+    prepared = prepare_jobs(new_jobs)
     with conn.transaction():
-        inserted = _insert(conn, new_jobs)
-        if inserted:
-            dropped = {r[0] for r in conn.execute(_DROP_ARCHIVED, {"keys": inserted})}
-            inserted = [k for k in inserted if k not in dropped]
-    return inserted
+        return insert_prepared(conn, prepared)
 
 
-def _insert(conn: psycopg.Connection, new_jobs: list[NewJob]) -> list[str]:
+def insert_prepared(conn: psycopg.Connection, jobs: list[PreparedJob]) -> list[str]:
+    """The insert statements, in the caller's transaction (which commits them)."""
+    if not jobs:
+        return []
     rows = conn.execute(
         _INSERT,
         {
-            "keys": [j.key for j in new_jobs],
-            "kinds": [j.kind for j in new_jobs],
-            "payloads": [Jsonb(j.payload) for j in new_jobs],
-            "prios": [j.priority for j in new_jobs],
-            "max_attempts": [j.max_attempts for j in new_jobs],
-            "deps": [Jsonb(list(j.deps)) for j in new_jobs],
+            "keys": [j.key for j in jobs],
+            "kinds": [j.kind for j in jobs],
+            "payloads": [j.payload_json for j in jobs],
+            "prios": [j.priority for j in jobs],
+            "max_attempts": [j.max_attempts for j in jobs],
+            "deps": [json.dumps(j.deps) for j in jobs],
         },
     ).fetchall()
-    return [r[0] for r in rows]
+    inserted = [r[0] for r in rows]
+    if inserted:
+        dropped = {r[0] for r in conn.execute(_DROP_ARCHIVED, {"keys": inserted})}
+        inserted = [k for k in inserted if k not in dropped]
+    return inserted
+
+
+def _storable_text(text: str) -> str:
+    """An error message PostgreSQL text can hold: no NUL, no lone surrogate (a handler's
+    exception may quote the very bytes that made it fail)."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ShardQueue:
@@ -213,14 +299,19 @@ class ShardQueue:
         return [i for i in ids if i not in kept]
 
     def complete(self, owner: str, results: dict[int, Any]) -> list[int]:
-        """Mark jobs done in one statement; returns the ids that were lost (not owned any more)."""
-        if not results:
+        """Mark jobs done in one statement; returns the ids that were lost (not owned any more).
+        ValueError (nothing written) if a result is not JSON that jsonb can store."""
+        return self.complete_json(owner, {i: to_json(r, f"result of job {i}") for i, r in results.items()})
+
+    def complete_json(self, owner: str, results_json: dict[int, str]) -> list[int]:
+        """``complete`` with each result already JSON text (``to_json``)."""
+        if not results_json:
             return []
-        # One JSON document [[id, result], ...]: a single C-speed dump, where a
-        # jsonb[] parameter is quoted element by element in Python.
-        outcomes = Jsonb([[i, r] for i, r in results.items()])
+        # One JSON document [[id, result], ...], joined from the texts: a jsonb[]
+        # parameter would be quoted element by element in Python.
+        outcomes = "[" + ",".join(f"[{i},{r}]" for i, r in results_json.items()) + "]"
         done = {r[0] for r in self.conn.execute(_COMPLETE, {"outcomes": outcomes, "owner": owner})}
-        return [i for i in results if i not in done]
+        return [i for i in results_json if i not in done]
 
     def fail(self, owner: str, errors: dict[int, str]) -> tuple[list[int], list[int]]:
         """Record failed attempts; returns (ids now dead, ids lost)."""
@@ -228,7 +319,7 @@ class ShardQueue:
             return [], []
         ids = list(errors)
         rows = self.conn.execute(_FAIL, {
-            "ids": ids, "errors": [errors[i] for i in ids], "owner": owner,
+            "ids": ids, "errors": [_storable_text(errors[i]) for i in ids], "owner": owner,
             "base": self.backoff_base_s, "cap": self.backoff_cap_s}).fetchall()
         seen = {r[0] for r in rows}
         return [r[0] for r in rows if r[1] == "dead"], [i for i in ids if i not in seen]

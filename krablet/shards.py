@@ -22,32 +22,36 @@ missing or dead leaves its dependents blocked (``status`` shows them).
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
-import re
 import time
 from collections import defaultdict
 
 import psycopg
 
-from krablet.queue import NewJob, ShardQueue, connect, insert_jobs
+from krablet.dsn import Dsn, PermanentConnectionError, is_permanent, mask_dsn, reason
+from krablet.queue import NewJob, ShardQueue, connect, insert_prepared, prepare_jobs
+
+__all__ = ["mask_dsn", "shard_of", "Shard", "ShardSet", "SubmitIncomplete", "SHARD_DOWN_ERRORS"]
+
+log = logging.getLogger("krablet.shards")
 
 
 def shard_of(key: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % num_shards
 
 
-def mask_dsn(dsn: str) -> str:
-    """A DSN safe to print: the password (URL or keyword form) replaced by ***."""
-    dsn = re.sub(r"(://[^:/@?]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn, flags=re.I)
+class SubmitIncomplete(RuntimeError):
+    """Some shards committed a batch and others did not (one failed between the commits).
+    Submitting the same batch again adds exactly the jobs that are missing."""
 
 
 class Shard:
     """One shard: a lazily opened connection, marked down on connection errors."""
 
-    def __init__(self, index: int, dsn: str, **queue_kw):
+    def __init__(self, index: int, dsn: str | Dsn, **queue_kw):
         self.index = index
-        self.dsn = dsn
+        self.dsn = Dsn(dsn)
         self.queue_kw = queue_kw
         self._queue: ShardQueue | None = None
         self.failures = 0
@@ -64,9 +68,18 @@ class Shard:
             return None
         try:
             self._queue = ShardQueue(connect(self.dsn), **self.queue_kw)
-        except psycopg.OperationalError:
+        except psycopg.OperationalError as e:
+            if is_permanent(e):
+                raise PermanentConnectionError(
+                    f"shard {self.index} ({mask_dsn(self.dsn)}): cannot connect: {reason(e)}") from None
             self.mark_down()
+            # Once per outage, then at the capped backoff: visible, not a flood.
+            if self.failures == 1 or self.failures % 10 == 0:
+                log.warning("shard %d (%s) unreachable, retrying (attempt %d, next in %.1fs): %s", self.index,
+                            mask_dsn(self.dsn), self.failures, self.down_until - time.monotonic(), reason(e))
             return None
+        if self.failures:
+            log.info("shard %d (%s) reachable again", self.index, mask_dsn(self.dsn))
         return self._queue
 
     def mark_down(self) -> None:
@@ -106,20 +119,49 @@ class ShardSet:
         return self.shards[shard_of(key, len(self.shards))]
 
     def submit(self, new_jobs: list[NewJob]) -> list[str]:
-        """Validate every job, then insert each shard's group in one statement.
-        Returns the keys that were new. Raises if a target shard is down."""
-        new_jobs = [j.with_key() for j in new_jobs]
-        from krablet.kinds import validate_payload
+        """Submit a batch: all of it or none of it. Returns the keys that were new.
 
-        for job in new_jobs:  # validate all before writing any shard
-            validate_payload(job.kind, job.payload)
-        groups: dict[int, list[NewJob]] = defaultdict(list)
-        for job in new_jobs:
+        Every job is checked and its payload serialised before any shard is
+        touched (ValueError). Then each shard's group is inserted in an open
+        transaction on its shard, and only once every shard holds its group are
+        the transactions committed; an error before that rolls all of them back.
+        A shard that fails between two commits leaves the batch partly written
+        (SubmitIncomplete); since every job's key is fixed before the first write
+        (keyless jobs get one derived from their content), submitting the same
+        batch again adds exactly what is missing."""
+        prepared = prepare_jobs(new_jobs)
+        groups: dict[int, list] = defaultdict(list)
+        for job in prepared:
             groups[shard_of(job.key, len(self.shards))].append(job)
+        conns: dict[int, psycopg.Connection] = {}
         inserted: list[str] = []
-        for index, group in sorted(groups.items()):
-            with connect(self.shards[index].dsn) as conn:
-                inserted += insert_jobs(conn, group)
+        try:
+            for index in sorted(groups):
+                shard = self.shards[index]
+                try:
+                    conns[index] = connect(shard.dsn, autocommit=False)
+                except psycopg.OperationalError as e:
+                    raise _shard_error(shard, "cannot connect", e) from None
+            for index in sorted(groups):
+                try:
+                    inserted += insert_prepared(conns[index], groups[index])
+                except psycopg.Error as e:
+                    raise _shard_error(self.shards[index], "insert failed, nothing was written", e) from None
+            committed: list[int] = []
+            for index in sorted(groups):
+                try:
+                    conns[index].commit()
+                except psycopg.Error as e:
+                    if not committed:
+                        raise _shard_error(self.shards[index], "commit failed, nothing was written", e) from None
+                    raise SubmitIncomplete(
+                        f"shard {index} ({mask_dsn(self.shards[index].dsn)}): commit failed after shards "
+                        f"{committed} committed their part ({reason(e)}); submit the same batch again to add "
+                        "exactly the missing jobs") from None
+                committed.append(index)
+        finally:
+            for conn in conns.values():
+                conn.close()  # rolls back whatever did not commit
         return inserted
 
     def promote(self) -> int | None:
@@ -175,3 +217,12 @@ class ShardSet:
     def close(self) -> None:
         for shard in self.shards:
             shard.close()
+
+
+def _shard_error(shard: Shard, what: str, error: psycopg.Error) -> Exception:
+    message = f"shard {shard.index} ({mask_dsn(shard.dsn)}): {what}: {reason(error)}"
+    if isinstance(error, psycopg.OperationalError) and is_permanent(error):
+        return PermanentConnectionError(message)
+    if isinstance(error, (psycopg.DataError, psycopg.IntegrityError)):
+        return ValueError(message)
+    return RuntimeError(message)
