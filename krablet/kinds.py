@@ -5,16 +5,27 @@
 
 A validator raises ``ValueError`` for a malformed payload; submit refuses the
 whole batch before anything is written. A handler returns the job's result
-(JSON-serialisable) or raises to fail the attempt.
+(JSON: dicts, lists, strings, finite numbers, booleans, None) or raises to fail
+the attempt; a result that is not JSON fails the attempt too.
+
+A long handler should look at ``ctx.cancelled()`` (or call ``ctx.check()``)
+between steps: it turns true when the worker's heartbeat finds that the lease
+was lost (the job was reclaimed by another worker, or the shard moved it), so
+the work is no longer this worker's and its result would be refused.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Any
+
+
+class LeaseLost(RuntimeError):
+    """Raised by ``JobContext.check`` once the job is no longer this worker's."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,16 @@ class JobContext:
     key: str
     attempt: int
     owner: str
+    # Set by the worker's heartbeat when it finds the lease lost.
+    lease_lost: threading.Event = dataclass_field(default_factory=threading.Event, repr=False, compare=False)
+
+    def cancelled(self) -> bool:
+        return self.lease_lost.is_set()
+
+    def check(self) -> None:
+        """Raise LeaseLost if the job is no longer this worker's: stop, the result would not count."""
+        if self.lease_lost.is_set():
+            raise LeaseLost(f"job {self.key!r}: the lease was lost, another worker owns the job now")
 
 
 @dataclass(frozen=True)

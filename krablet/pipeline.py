@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict
 
 from data.shard_inputs import Chunk, list_chunks
-from data.writer import WriterConfig, build_index, default_text_layers, write_chunk
+from data.writer import WriterConfig, build_index, default_text_layers, latents_kind, write_chunk
 from krablet.kinds import kind, require
 from krablet.queue import NewJob, ShardQueue, connect
 
@@ -71,11 +71,30 @@ def _validate_chunk(p: dict) -> None:
     WriterConfig(**p["writer"])
 
 
+class _StopsWhenLeaseLost:
+    """A latents or text encoder whose ``encode`` first checks the job's lease: a chunk job
+    whose lease was lost stops at its next bucket instead of encoding the rest for nothing
+    (``write_chunk`` publishes a chunk only once all of it is written, so nothing half-done
+    is left behind)."""
+
+    def __init__(self, inner, ctx):
+        self._inner, self._ctx = inner, ctx
+        self.kind = latents_kind(inner)  # read by the writer's metadata (the type name would be this class's)
+
+    def encode(self, *args, **kwargs):
+        self._ctx.check()
+        return self._inner.encode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 @kind("shards.write_chunk", validate=_validate_chunk)
 def write_chunk_job(payload: dict, ctx) -> dict:
     latents, encoder = _encoders(payload)
-    marker = write_chunk(Chunk.from_json(payload["chunk"]), payload["out"], latents, encoder,
-                         WriterConfig(**payload["writer"]))
+    ctx.check()
+    marker = write_chunk(Chunk.from_json(payload["chunk"]), payload["out"], _StopsWhenLeaseLost(latents, ctx),
+                         _StopsWhenLeaseLost(encoder, ctx), WriterConfig(**payload["writer"]))
     return {"accepted": marker["accepted"], "rejects": marker["rejects"]}
 
 
@@ -98,8 +117,12 @@ def train_autoencoder_job(payload: dict, ctx) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, min(4, os.cpu_count() or 1)))
     try:
+        def progress(line):
+            print(f"[autoencoder] {line}", flush=True)
+            ctx.check()  # every log_every steps: stop once the lease is lost
+
         config = ensure_autoencoder(payload["out"], AEConfig.from_dict(payload["settings"]), log_every=500,
-                                    progress=lambda line: print(f"[autoencoder] {line}", flush=True))
+                                    progress=progress)
     finally:
         torch.set_num_threads(threads)
     report = config["reconstruction"]
@@ -191,8 +214,8 @@ class _Progress:
             try:
                 with connect(dsn) as conn:
                     queue = ShardQueue(conn)
-                    for (state, kind), n in queue.counts().items():
-                        if kind.startswith("shards.") and state != "done":
+                    for (state, kind_name), n in queue.counts().items():
+                        if kind_name.startswith("shards.") and state != "done":
                             states[state] = states.get(state, 0) + n
                     states["done"] += len(queue.done_keys(self.keys))
             except Exception as e:  # progress is best effort; the workers report their own errors

@@ -7,6 +7,15 @@ leases of the batch in flight (every lease/3), so a long job is not re-run
 while its worker is alive; a worker that dies stops renewing and its jobs are
 reclaimed once the lease expires.
 
+A handler's bad result (not JSON: a set, NaN, an object) fails that job alone,
+like an exception would: the reason is recorded, the job backs off and ends
+dead-lettered, the worker goes on. When the heartbeat finds a lease lost, the
+job's ``ctx.cancelled()`` turns true, so the handler can stop early.
+
+A shard that refuses the connection for good (wrong password, no such
+database) stops the worker at once with the reason and exit status 2; one that
+is unreachable for now (restarting, network) is retried with a logged warning.
+
 When idle it polls with jittered exponential backoff (no LISTEN/NOTIFY: it
 takes a global lock at commit) and runs the cross-shard ``promote`` pass.
 
@@ -29,8 +38,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
+from krablet.dsn import Dsn, PermanentConnectionError, mask_dsn, reason
 from krablet.kinds import REGISTRY, JobContext, import_kinds
-from krablet.queue import Job, connect
+from krablet.queue import Job, connect, to_json
 from krablet.shards import SHARD_DOWN_ERRORS, Shard, ShardSet
 
 log = logging.getLogger("krablet.worker")
@@ -49,6 +61,10 @@ class WorkerConfig:
     drain: bool = False  # exit 0 once no runnable work remains on any shard
     kind_modules: list[str] = field(default_factory=list)  # modules that register extra kinds
 
+    def __post_init__(self):
+        # Dsn prints masked: repr(config), logs and tracebacks never show a password.
+        self.dsns = [Dsn(d) for d in self.dsns]
+
 
 class Worker:
     def __init__(self, config: WorkerConfig):
@@ -62,6 +78,7 @@ class Worker:
         self.unsent: dict[int, tuple[dict[int, Any], dict[int, str]]] = {}
         self.num_done = self.num_failed = self.num_lost = 0
         self._in_flight: tuple[int, list[int]] | None = None  # (shard index, job ids)
+        self._lease_lost: dict[int, threading.Event] = {}  # job id -> its handler's cancellation flag
         self._lock = threading.Lock()
 
     def stop(self, *_):
@@ -124,12 +141,22 @@ class Worker:
             return None
         results, errors = self.unsent.get(shard.index, ({}, {}))
         try:
-            with q.conn.transaction():
-                lost = q.complete(self.owner, results)
-                dead, lost_f = q.fail(self.owner, errors)
-                jobs = q.claim(self.owner, self.config.batch_size) if claim and not self.stopping else []
+            try:
+                with q.conn.transaction():
+                    lost = q.complete_json(self.owner, results)
+                    dead, lost_f = q.fail(self.owner, errors)
+                    jobs = q.claim(self.owner, self.config.batch_size) if claim and not self.stopping else []
+            except SHARD_DOWN_ERRORS:
+                raise
+            except psycopg.Error as e:
+                # The shard refused one of the outcomes (a statement error, not an outage):
+                # write them one by one, so only the job whose outcome cannot be stored fails.
+                log.warning("shard %d refused a batch of outcomes (%s): writing them one by one",
+                            shard.index, reason(e))
+                results, errors, lost, dead, lost_f = self._write_one_by_one(q, results, errors)
+                jobs = []
         except SHARD_DOWN_ERRORS as e:
-            log.warning("shard %d unreachable: %s", shard.index, type(e).__name__)
+            log.warning("shard %d (%s) unreachable: %s", shard.index, mask_dsn(shard.dsn), reason(e))
             shard.mark_down()
             return None
         shard.mark_up()
@@ -147,10 +174,36 @@ class Worker:
         self.num_lost += len(lost) + len(lost_f)
         return jobs
 
+    def _write_one_by_one(self, q, results: dict[int, str], errors: dict[int, str]):
+        """Each outcome in its own statement; an outcome the shard refuses becomes that job's failure."""
+        lost: list[int] = []
+        for job_id, result in list(results.items()):
+            try:
+                lost += q.complete_json(self.owner, {job_id: result})
+            except SHARD_DOWN_ERRORS:
+                raise
+            except psycopg.Error as e:
+                del results[job_id]
+                errors[job_id] = f"the shard refused the result: {reason(e)}"
+        dead: list[int] = []
+        lost_f: list[int] = []
+        for job_id, error in errors.items():
+            try:
+                d, lf = q.fail(self.owner, {job_id: error})
+            except SHARD_DOWN_ERRORS:
+                raise
+            except psycopg.Error as e:
+                d, lf = q.fail(self.owner, {job_id: f"the shard refused the error message: {reason(e)}"})
+            dead += d
+            lost_f += lf
+        return results, errors, lost, dead, lost_f
+
     def _run_batch(self, shard: Shard, jobs: list[Job]) -> None:
-        results: dict[int, Any] = {}
+        results: dict[int, str] = {}  # job id -> its result as JSON text
         errors: dict[int, str] = {}
         unrun: list[int] = []
+        with self._lock:
+            flags = self._lease_lost = {job.id: threading.Event() for job in jobs}
         for job in jobs:
             if self.stopping:
                 unrun.append(job.id)
@@ -159,13 +212,16 @@ class Worker:
             try:
                 if handler is None:
                     raise LookupError(f"no handler registered for kind {job.kind!r} in this worker")
-                results[job.id] = handler.handler(job.payload, JobContext(job.key, job.attempts, self.owner))
+                result = handler.handler(job.payload, JobContext(job.key, job.attempts, self.owner, flags[job.id]))
+                # Serialised here, so a result that is not JSON fails this job, not the batch's write.
+                results[job.id] = to_json(result, f"the result of {job.kind} job {job.key!r}")
             except Exception as e:  # the job failed, not the worker
                 errors[job.id] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
         # Outcomes are written with the next claim on this shard (or at exit); until
         # then the heartbeat keeps their leases.
         with self._lock:
             self._in_flight = None
+            self._lease_lost = {}
             self.unsent[shard.index] = (results, errors)
         if unrun:
             q = shard.queue()
@@ -214,6 +270,10 @@ class Worker:
                         (self.config.lease_s, ids, self.owner))}
                     if len(kept) < len(ids):
                         log.warning("heartbeat: %d jobs no longer ours on shard %d", len(ids) - len(kept), index)
+                        with self._lock:
+                            for job_id in ids:
+                                if job_id not in kept and job_id in self._lease_lost:
+                                    self._lease_lost[job_id].set()  # the handler's ctx.cancelled() is now true
                 except SHARD_DOWN_ERRORS:
                     conns.pop(index, None)
         for conn in conns.values():
@@ -224,7 +284,11 @@ def _child(config: WorkerConfig) -> int:
     worker = Worker(config)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
-    return worker.run()
+    try:
+        return worker.run()
+    except PermanentConnectionError as e:
+        log.error("%s; the worker stops (retrying cannot fix this)", e)
+        return 2
 
 
 def _child_entry(config: WorkerConfig) -> None:
