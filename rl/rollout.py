@@ -11,34 +11,26 @@ like the policy and never checkpointed: a resumed run rebuilds it from the same 
 
 import logging
 
-import numpy as np
 import torch
 
 from data.latents import images_to_uint8
 from rl.rewards import build_reward
 from rl.sde import guided_velocity, sde_rollout, sde_step
 from trainer.config import TrainConfig
-from trainer.model import patchify, positions, unpatchify
-from trainer.objectives import sample_seed
+from trainer.model import patchify, unpatchify
 from trainer.parallel import Dist
-from trainer.stage import Stage, Trainable, autocast, build_dit
+from trainer.prompted import PromptedStage
+from trainer.stage import Trainable, autocast, build_dit
 
 log = logging.getLogger("k2train")
 
 
-class RolloutStage(Stage):
+class RolloutStage(PromptedStage):
     """Policy (full weights or LoRA, trained) and reference (frozen) DiTs, rollouts and rewards.
     Subclasses name their settings section (`section`: stage.grpo, stage.dpo)."""
 
-    section = ""
-
     def __init__(self, cfg: TrainConfig, d: Dist, data, resume_dir: str | None):
         super().__init__(cfg, d, data, resume_dir)
-        kind = cfg.stage.kind
-        if data.encoder is None or not hasattr(data.latents, "decode") or data.world is None:
-            raise ValueError(f"stage.kind={kind} needs a text encoder (data.encoder_path), a latent decoder "
-                             "(data.vae_path) and a world for prompts and rewards (data.world=shapes)")
-        self.g = getattr(cfg.stage, self.section)
         init_from = cfg.checkpoint.init_from
         lora = cfg.stage.lora if cfg.stage.lora.rank > 0 else None
         policy, info = build_dit(cfg, d, init_from=None if resume_dir and lora is None else init_from,
@@ -51,10 +43,6 @@ class RolloutStage(Stage):
         self.frozen["reference"] = ref_info
         options = {name: dict(o) for name, o in self.g.reward_options.items()}
         self.reward = build_reward(dict(self.g.rewards), data.world, options)
-        self.prompts = sorted(data.world.training_captions())
-        side = cfg.data.image_size // data.latents.downsample
-        self.latent_hw = (side, side)
-        self.tokens = (side // cfg.model.patch_size) ** 2
 
     @classmethod
     def validate_config(cls, cfg: TrainConfig) -> None:
@@ -70,45 +58,12 @@ class RolloutStage(Stage):
                              f"images per step, stage.{cls.section}.prompts_per_step x group_size = {images}")
 
     # ---------------------------------------------------------------- rollout
-    def _seed(self, step: int, purpose: str) -> int:
-        return sample_seed(self.cfg.seed, step * 4096 + self.d.rank, f"{self.section}:{purpose}")
-
-    def _prompts(self, step: int) -> list[str]:
-        """This rank's prompts of the iteration (every rank draws the same list, then takes its share)."""
-        rng = np.random.default_rng(sample_seed(self.cfg.seed, step, f"{self.section}:prompts"))
-        chosen = [self.prompts[i] for i in rng.choice(len(self.prompts), self.g.prompts_per_step, replace=False)]
-        per_rank = self.g.prompts_per_step // self.d.world_size
-        return chosen[self.d.rank * per_rank:(self.d.rank + 1) * per_rank]
-
-    def positions(self, text_len: int) -> torch.Tensor:
-        """RoPE positions of `[text | image]` for this stage's latent grid, on the device."""
-        h, w = self.latent_hw
-        p = self.cfg.model.patch_size
-        return positions(text_len, h // p, w // p).to(self.d.device)
-
-    def _text(self, prompts: list[str]):
-        text, mask = self.data.encoder.encode(prompts)
-        null, null_mask = self.data.encoder.encode([""] * len(prompts))
-        dev = self.d.device
-        return text.to(dev), mask.to(dev), null.to(dev), null_mask.to(dev)
-
-    def _velocity(self, model, text, mask, null, null_mask):
-        """velocity(x, t_B, conditional) of `model` for this batch's prompts (rl/sde.py's signature)."""
-        pos = self.positions(text.shape[1])
-
-        def velocity(x_BLC, t_B, conditional=True):
-            if conditional:
-                return model(x_BLC, text, t_B, pos, mask).float()
-            return model(x_BLC, null, t_B, pos, null_mask).float()
-
-        return velocity
-
     @torch.no_grad()
     def rollout(self, step: int) -> dict:
         """This rank's groups of the step: prompts, text features, the trajectory (rl/sde.py),
         rewards of the decoded images and each image's group."""
         g = self.g
-        prompts = [p for p in self._prompts(step) for _ in range(g.group_size)]
+        prompts = [p for p in self.draw_prompts(step, g.prompts_per_step) for _ in range(g.group_size)]
         text, mask, null, null_mask = self._text(prompts)
         c, (h, w) = self.cfg.model.latent_channels, self.latent_hw
         gen = torch.Generator().manual_seed(self._seed(step, "noise"))

@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass, field
 
 from data.config import DataConfig
+from distill.config import TDMConfig
 from rl.config import DPOConfig, GRPOConfig
 from trainer.flow import FlowConfig
 from trainer.model.config import ModelConfig
@@ -74,7 +75,8 @@ class ValidationConfig:
 @dataclass
 class StageConfig:
     # `kind` picks the Stage class (trainer/stage.py): "flow" (pretrain, midtrain, SFT),
-    # "grpo" (rl/grpo.py), "dpo" (rl/dpo.py) or "package.module:Class" for a stage defined outside k2train. A flow stage's
+    # "grpo" (rl/grpo.py), "dpo" (rl/dpo.py), "tdm" (distill/tdm.py) or "package.module:Class" for a stage defined
+    # outside k2train. A flow stage's
     # loss is `objective` (trainer/objectives.py).
     name: str = "pretrain"
     kind: str = "flow"
@@ -91,6 +93,8 @@ class StageConfig:
     # The RL stages' settings; read only by stage.kind=grpo (rl/grpo.py) and dpo (rl/dpo.py).
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    # The distillation stage's settings; read only by stage.kind=tdm (distill/tdm.py).
+    tdm: TDMConfig = field(default_factory=TDMConfig)
     # A run stops with status "failed" after this many non-finite steps in a row (0: never).
     max_nonfinite_steps: int = 5
 

@@ -160,10 +160,11 @@ def save_samples(run: Run) -> None:
     prompts = list(cfg.log.sample_prompts or data.world.held_out_prompts())[: cfg.log.num_samples]
     seeds = list(range(len(prompts)))
     side = cfg.data.image_size // data.latents.downsample
+    sampler = run.stage.sampler()
     with run.stage.sampling() as model:
         images = generate(
             model, data.encoder.encode, data.latents.decode, prompts, seeds, cfg.model, (side, side),
-            cfg.log.sample_steps, cfg.log.sample_guidance, run.d.device,
+            sampler["steps"], sampler["guidance"], run.d.device, mu=sampler["mu"],
         )
     if run.d.is_main:
         grid = grid_image(images, prompts)

@@ -8,6 +8,7 @@ sample and validation cadence, logging. A stage builds everything else:
     stage.models_info()                    models.json: each model's config, LoRA, base, frozen sources
     stage.step(step)   -> metrics          one optimizer step (micro-batches, clip, update, EMA)
     stage.sampling()   context: the model to sample from (EMA weights swapped in)
+    stage.sampler()    its sampler settings: steps, guidance, mu
     stage.validate(step) -> metrics | {}    a held-out loss, when the stage has one
     stage.state_dict() / load_state_dict()  the stage's own tensors besides its models
 
@@ -249,6 +250,11 @@ class Stage:
     def sampling(self):
         return self.trainables[self.main].ema_weights()
 
+    def sampler(self) -> dict:
+        """How the loop's sample grids are drawn: steps, guidance and timestep shift (mu)."""
+        return {"steps": self.cfg.log.sample_steps, "guidance": self.cfg.log.sample_guidance,
+                "mu": self.cfg.stage.flow.mu}
+
     def validate(self, step: int) -> dict[str, float]:
         return {}
 
@@ -380,7 +386,7 @@ class ValidationSet:
 
 STAGES: dict[str, type[Stage]] = {"flow": FlowStage}
 # Stages of the later recipe, imported when named.
-NAMED_STAGES = {"grpo": "rl.grpo:GRPOStage", "dpo": "rl.dpo:DPOStage"}
+NAMED_STAGES = {"grpo": "rl.grpo:GRPOStage", "dpo": "rl.dpo:DPOStage", "tdm": "distill.tdm:TDMStage"}
 
 
 def stage_class(kind: str) -> type[Stage]:
