@@ -119,7 +119,8 @@ def train_autoencoder_job(payload: dict, ctx) -> dict:
     try:
         def progress(line):
             print(f"[autoencoder] {line}", flush=True)
-            ctx.check()  # every log_every steps: stop once the lease is lost
+            if ctx is not None:  # run as a job (not called directly): stop once the lease is lost
+                ctx.check()
 
         config = ensure_autoencoder(payload["out"], AEConfig.from_dict(payload["settings"]), log_every=500,
                                     progress=progress)

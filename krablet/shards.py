@@ -75,7 +75,7 @@ class Shard:
             self.mark_down()
             # Once per outage, then at the capped backoff: visible, not a flood.
             if self.failures == 1 or self.failures % 10 == 0:
-                log.warning("shard %d (%s) unreachable, retrying (attempt %d, next in %.1fs): %s", self.index,
+                log.warning("shard %d unreachable (%s), retrying (attempt %d, next in %.1fs): %s", self.index,
                             mask_dsn(self.dsn), self.failures, self.down_until - time.monotonic(), reason(e))
             return None
         if self.failures:

@@ -156,7 +156,7 @@ class Worker:
                 results, errors, lost, dead, lost_f = self._write_one_by_one(q, results, errors)
                 jobs = []
         except SHARD_DOWN_ERRORS as e:
-            log.warning("shard %d (%s) unreachable: %s", shard.index, mask_dsn(shard.dsn), reason(e))
+            log.warning("shard %d unreachable (%s): %s", shard.index, mask_dsn(shard.dsn), reason(e))
             shard.mark_down()
             return None
         shard.mark_up()

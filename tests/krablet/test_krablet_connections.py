@@ -83,7 +83,7 @@ def test_an_unreachable_shard_is_retried_with_a_message_then_drained(pg, make_sh
         thread.join(30)
     assert not thread.is_alive() and worker.num_done == 10
     text = caplog.text
-    assert "unreachable, retrying" in text and "is not currently accepting connections" in text, text
+    assert "unreachable (" in text and "), retrying" in text and "is not currently accepting connections" in text, text
 
 
 def test_no_password_in_printable_objects():
