@@ -164,7 +164,8 @@ IDLE_WARN_S = 60.0  # a transaction idle this long holds back vacuum on the whol
 DEAD_ROWS_WARN = 100_000  # dead rows in krablet_jobs past this, and more than the live ones
 
 
-def _health_warnings(conn, shard: int, previous_dead: int | None) -> tuple[list[str], int]:
+def _health_warnings(conn, shard: int, previous_dead: int | None, idle_warn_s: float = IDLE_WARN_S,
+                     dead_rows_warn: int = DEAD_ROWS_WARN) -> tuple[list[str], int]:
     """Warnings about what slows a queue down over time: long-idle transactions and
     snapshots (vacuum cannot remove rows they may still see), and dead rows piling up."""
     warnings = []
@@ -174,7 +175,7 @@ def _health_warnings(conn, shard: int, previous_dead: int | None) -> tuple[list[
             " WHERE pid <> pg_backend_pid() AND xact_start IS NOT NULL"
             " AND (backend_xmin IS NOT NULL OR state LIKE 'idle in transaction%%')"
             " AND now() - xact_start > make_interval(secs => %s) ORDER BY xact_start",
-            (IDLE_WARN_S,)).fetchall():
+            (idle_warn_s,)).fetchall():
         what = f"idle in transaction for {idle_s:.0f}s" if state and state.startswith("idle in") else \
             f"in a transaction open for {xact_s:.0f}s ({state})"
         warnings.append(f"  WARNING shard {shard}: session pid {pid} ({app or '-'}, user {user}, database {db}) "
@@ -183,7 +184,7 @@ def _health_warnings(conn, shard: int, previous_dead: int | None) -> tuple[list[
     row = conn.execute("SELECT n_dead_tup, n_live_tup, last_autovacuum FROM pg_stat_user_tables"
                        " WHERE relname = 'krablet_jobs'").fetchone()
     dead = row[0] if row else 0
-    if row and dead > DEAD_ROWS_WARN and dead > row[1]:
+    if row and dead > dead_rows_warn and dead > row[1]:
         growth = f", +{dead - previous_dead} since the last look" if previous_dead is not None and \
             dead > previous_dead else ""
         warnings.append(f"  WARNING shard {shard}: krablet_jobs holds {dead} dead rows against {row[1]} live"
@@ -191,7 +192,8 @@ def _health_warnings(conn, shard: int, previous_dead: int | None) -> tuple[list[
     return warnings, dead
 
 
-def _status_once(dsns, interval: float, dead_rows: dict[int, int] | None = None) -> tuple[str, int]:
+def _status_once(dsns, interval: float, dead_rows: dict[int, int] | None = None, idle_warn_s: float = IDLE_WARN_S,
+                 dead_rows_warn: int = DEAD_ROWS_WARN) -> tuple[str, int]:
     """The status text and how many shards are down."""
     lines = []
     total_rate = 0.0
@@ -202,7 +204,7 @@ def _status_once(dsns, interval: float, dead_rows: dict[int, int] | None = None)
             with connect(dsn) as conn:
                 q = ShardQueue(conn)
                 counts, finished = q.counts(), q.finished_since(interval)
-                warnings, dead_rows[i] = _health_warnings(conn, i, dead_rows.get(i))
+                warnings, dead_rows[i] = _health_warnings(conn, i, dead_rows.get(i), idle_warn_s, dead_rows_warn)
         except psycopg.Error as e:
             down += 1
             hint = " (retrying will not help: check the DSN and credentials)" if is_permanent(e) else ""
@@ -225,7 +227,7 @@ def _status_once(dsns, interval: float, dead_rows: dict[int, int] | None = None)
 def cmd_status(args, dsns) -> int:
     dead_rows: dict[int, int] = {}
     while True:
-        text, down = _status_once(dsns, args.interval, dead_rows)
+        text, down = _status_once(dsns, args.interval, dead_rows, args.warn_idle, args.warn_dead_rows)
         if not args.watch:
             print(text)
             return 1 if down else 0
@@ -271,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="counts per shard, kind and state; throughput")
     st.add_argument("--interval", type=float, default=10.0)
     st.add_argument("--watch", action="store_true")
+    st.add_argument("--warn-idle", type=float, default=IDLE_WARN_S,
+                    help="warn about transactions open (or idle in one) longer than this, seconds")
+    st.add_argument("--warn-dead-rows", type=int, default=DEAD_ROWS_WARN,
+                    help="warn when krablet_jobs holds more dead rows than this (and than live ones)")
     r = sub.add_parser("retry", help="move dead jobs back to pending")
     r.add_argument("--kind")
     return p

@@ -4,6 +4,13 @@ Uses the ``pgserver`` package (a real PostgreSQL 16 in a folder, listening on
 a Unix socket only, ~2-3 s to start); if it is unavailable, the system's
 ``/usr/lib/postgresql/*/bin`` initdb/pg_ctl (which refuse to run as root).
 The data folder lives in the run directory, so jobs survive a restart.
+
+The server is set up for a queue (``QUEUE_SETTINGS``, written with ALTER SYSTEM
+at every start, so an older data folder gets them too): a queue turns every
+job into dead rows (claim, then complete), and throughput holds only while
+vacuum keeps up, so autovacuum looks every second at full speed; and no session
+may hold a snapshot (which stops vacuum for every table of the server) or run
+a statement for long. A DSN-given server should set the same (README).
 """
 
 from __future__ import annotations
@@ -18,6 +25,24 @@ import psycopg
 from psycopg import sql
 
 log = logging.getLogger("krablet.embedded")
+
+QUEUE_SETTINGS = {
+    # A transaction left idle (a report query in psql, a crashed client's connection)
+    # holds its snapshot: vacuum removes nothing newer, the claim index fills with dead
+    # entries, and throughput fell to 40-50% within a minute. End such sessions.
+    "idle_in_transaction_session_timeout": "30s",
+    # Claims and completions take milliseconds; a submit of a million jobs a few seconds.
+    "statement_timeout": "1min",
+    # Dead rows appear at the rate jobs run: look for them every second, and let
+    # vacuum run at full speed (the tables' own thresholds are in schema.py).
+    "autovacuum_naptime": "1s",
+    "autovacuum_vacuum_cost_delay": "0",
+    "autovacuum_vacuum_cost_limit": "10000",
+    "log_autovacuum_min_duration": "5s",
+    # Fewer checkpoints (each one makes the next writes of every page a full-page image).
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+}
 
 
 class EmbeddedPostgres:
@@ -39,10 +64,23 @@ class EmbeddedPostgres:
             self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
         except ImportError:
             self._start_system()
+        self.apply_settings(QUEUE_SETTINGS)
         dsns = [self.dsn(self.database(i)) for i in range(self.num_shards)]
         for i in range(self.num_shards):
             self.create_database(self.database(i))
         return dsns
+
+    def apply_settings(self, settings: dict[str, str]) -> None:
+        """ALTER SYSTEM for every setting (all take effect on reload), then reload."""
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            for name, value in settings.items():
+                conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+            conn.execute("SELECT pg_reload_conf()")
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log (pgserver's place, else the system pg_ctl's)."""
+        return self.data_dir / ("log" if self._server is not None else "postgres.log")
 
     def stop(self) -> None:
         if self._server is not None:
