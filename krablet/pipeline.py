@@ -230,7 +230,7 @@ class _Progress:
 def main(argv: list[str] | None = None) -> int:
     from data.shapes import ShapesWorld
     from data.shapes_loader import ensure_tiny_encoder
-    from krablet.cli import shard_dsns
+    from krablet.cli import configured_dsns, shard_dsns
     from krablet.schema import migrate
     from krablet.shards import ShardSet
     from krablet.worker import WorkerConfig, run_pool
@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ae applies to --latents shapes_ae only")
     jobs = ingest_jobs(args.input, args.output, encoder, args.chunk_size, args.text_len, layers, args.latents,
                        args.vae_path, args.pixel_downsample, writer, autoencoder=autoencoder)
+    try:
+        configured_dsns(args)  # a password in --dsn, an unreadable DSN file: refused before any work
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     with shard_dsns(args) as dsns:
         for dsn in dsns:
             migrate(dsn)

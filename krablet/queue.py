@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,10 @@ def connect(dsn: str | Dsn, *, idle_timeout_ms: int = 10_000, statement_timeout_
                            application_name="krablet", options=options)
 
 
+# \u0000 as an escape, not as the text "\u0000" (an escaped backslash, then u0000).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def to_json(value: Any, what: str) -> str:
     """``value`` as the JSON text PostgreSQL's jsonb will accept, or ValueError naming ``what``.
 
@@ -48,7 +53,7 @@ def to_json(value: Any, what: str) -> str:
         raise ValueError(f"{what} is not JSON: {e}") from None
     except RecursionError:
         raise ValueError(f"{what} is not JSON: nested too deeply (or refers to itself)") from None
-    if "\\u0000" in text:
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise ValueError(f"{what} holds a NUL character (\\u0000), which PostgreSQL cannot store")
     try:
         text.encode("utf-8")

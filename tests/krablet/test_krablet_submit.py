@@ -42,6 +42,10 @@ def test_one_bad_payload_writes_nothing_on_any_shard(make_shards):
         with pytest.raises(ValueError, match=rf"job 8 \(key '{bad_key}'\): noop: payload"):
             ShardSet(dsns).submit(good + [NewJob("noop", payload, key=bad_key)])
         assert live_and_done(dsns) == 0, bad
+    # The text backslash-u-0000 is not a NUL character: stored as it is.
+    assert ShardSet(dsns).submit([NewJob("noop", {"text": "\\u0000"}, key=bad_key)]) == [bad_key]
+    with psycopg.connect(dsns[1]) as conn:
+        assert conn.execute("SELECT payload->>'text' FROM krablet_jobs").fetchone()[0] == "\\u0000"
 
 
 def test_bad_priority_and_attempts_write_nothing(make_shards):
