@@ -247,8 +247,7 @@ class TDMStage(PromptedStage):
         cfg, t = self.cfg, self.g
         lr = self.set_lr(step)
         B = cfg.stage.global_batch_size // self.d.world_size
-        prompts = self.draw_prompts(step, cfg.stage.global_batch_size)
-        text, mask, null, null_mask = self._text(prompts)
+        text = self._text(self.draw_prompts(step, cfg.stage.global_batch_size))
         c, (h, w) = cfg.model.latent_channels, self.latent_hw
         gen = torch.Generator().manual_seed(self._seed(step, "noise"))
         noise = patchify(torch.randn(B, c, h, w, generator=gen), cfg.model.patch_size).to(self.d.device)
@@ -258,45 +257,57 @@ class TDMStage(PromptedStage):
         # of forwards everywhere, as FSDP's collectives need.
         upto = max(int(dr.k.max()) for dr in [*fake_draws, student_draws])
         upto = max(self.d.all_objects(upto)) if self.d.world_size > 1 else upto
-        chunks = [slice(i, min(i + t.micro_batch, B)) for i in range(0, B, t.micro_batch)]
+        states, vels = self.rollout(text, noise, upto)
+        out: dict = {}
+        for dr in fake_draws:
+            fake_norm, fake_ok = self.fake_update(text, states, vels, dr, step, out, 1 / len(fake_draws))
+        grad_norm, applied = self.student_update(text, states, student_draws, step, out)
+        return {**out, "grad_norm": grad_norm, "fake_grad_norm": fake_norm, "lr": lr, "data_s": 0.0,
+                "skipped": not (applied and fake_ok), "segment_max": upto}
 
-        def vel(model, sl):
-            return self._velocity(model, text[sl], mask[sl], null[sl], null_mask[sl])
+    # ---------------------------------------------------------------- the three phases of a step
+    def _chunks(self, B: int) -> list[slice]:
+        return [slice(i, min(i + self.g.micro_batch, B)) for i in range(0, B, self.g.micro_batch)]
 
+    def _vel(self, model, text, sl: slice) -> Velocity:
+        return self._velocity(model, *(x[sl] for x in text))
+
+    def rollout(self, text, noise: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's states and velocities at segment starts 0..upto (no grad, eval mode)."""
         states, vels = [], []
         was_training = self.student.training
         self.student.eval()
-        for sl in chunks:
-            with autocast(cfg, self.d):
-                s_, v_ = self.loss.rollout(vel(self.student, sl), noise[sl], upto)
+        for sl in self._chunks(noise.shape[0]):
+            with autocast(self.cfg, self.d):
+                s_, v_ = self.loss.rollout(self._vel(self.student, text, sl), noise[sl], upto)
             states.append(s_)
             vels.append(v_)
         self.student.train(was_training)
-        states, vels = torch.cat(states), torch.cat(vels)
+        return torch.cat(states), torch.cat(vels)
 
-        out: dict = {}
-        fake_t = self.trainables["fake_score"]
-        for dr in fake_draws:
-            x_k, v_k = self.loss.pick(states, dr.k), self.loss.pick(vels, dr.k)
-            for sl in chunks:
-                with autocast(cfg, self.d):
-                    loss, terms = self.loss.fake_loss(vel(self.fake, sl), x_k[sl], v_k[sl], _slice(dr, sl))
-                (loss * ((sl.stop - sl.start) / B)).backward()
-                _add(out, {"fake_loss": loss.detach(), **terms}, (sl.stop - sl.start) / B / len(fake_draws))
-            fake_norm, fake_ok = update(fake_t, cfg.optimizer.grad_clip, step, "fake_score")
+    def fake_update(self, text, states, vels, dr: Draws, step: int, out: dict, weight: float = 1.0):
+        """One fake-score update on the student's re-noised predictions; (grad norm, applied)."""
+        B = states.shape[0]
+        x_k, v_k = self.loss.pick(states, dr.k), self.loss.pick(vels, dr.k)
+        for sl in self._chunks(B):
+            with autocast(self.cfg, self.d):
+                loss, terms = self.loss.fake_loss(self._vel(self.fake, text, sl), x_k[sl], v_k[sl], _slice(dr, sl))
+            (loss * ((sl.stop - sl.start) / B)).backward()
+            _add(out, {"fake_loss": loss.detach(), **terms}, (sl.stop - sl.start) / B * weight)
+        return update(self.trainables["fake_score"], self.cfg.optimizer.grad_clip, step, "fake_score")
 
-        main = self.trainables["model"]
-        x_k = self.loss.pick(states, student_draws.k)
-        for sl in chunks:
-            with autocast(cfg, self.d):
-                loss, terms = self.loss.student_loss(vel(self.student, sl), vel(self.teacher, sl), vel(self.fake, sl),
-                                                     x_k[sl], _slice(student_draws, sl))
+    def student_update(self, text, states, dr: Draws, step: int, out: dict):
+        """One student update towards the teacher's guided prediction against the fake score's."""
+        B = states.shape[0]
+        x_k = self.loss.pick(states, dr.k)
+        for sl in self._chunks(B):
+            with autocast(self.cfg, self.d):
+                loss, terms = self.loss.student_loss(self._vel(self.student, text, sl), self._vel(self.teacher, text, sl),
+                                                     self._vel(self.fake, text, sl), x_k[sl], _slice(dr, sl))
             (loss * ((sl.stop - sl.start) / B)).backward()
             _add(out, {"loss": loss.detach(), **terms}, (sl.stop - sl.start) / B)
-        # The fake score's parameters got no gradient here (no_grad); its optimizer saw none.
-        grad_norm, applied = update(main, cfg.optimizer.grad_clip, step)
-        return {**out, "grad_norm": grad_norm, "fake_grad_norm": fake_norm, "lr": lr, "data_s": 0.0,
-                "skipped": not (applied and fake_ok), "segment_max": upto}
+        # The teacher and the fake score ran under no_grad here: only the student has gradients.
+        return update(self.trainables["model"], self.cfg.optimizer.grad_clip, step)
 
 
 def _slice(dr: Draws, sl: slice) -> Draws:
