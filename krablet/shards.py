@@ -139,7 +139,8 @@ class ShardSet:
             for index in sorted(groups):
                 shard = self.shards[index]
                 try:
-                    conns[index] = connect(shard.dsn, autocommit=False)
+                    # A shard's transaction waits idle while the next shards insert their parts.
+                    conns[index] = connect(shard.dsn, autocommit=False, idle_timeout_ms=300_000)
                 except psycopg.OperationalError as e:
                     raise _shard_error(shard, "cannot connect", e) from None
             for index in sorted(groups):
