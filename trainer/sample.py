@@ -3,12 +3,19 @@ r"""Sampling: `generate` (sample grids of the training loop and evaluate) and th
     python -m trainer.sample runs/demo --prompt "a red circle above a blue square" --num-per-prompt 4 --out out/
     python -m trainer.sample /models/krea-2-raw --encoder /models/qwen3-vl-4b --vae /models/qwen-image-vae \
         --prompts-file prompts.txt --lora pink.safetensors:0.8 --seed 7 --out out/
+    python -m trainer.sample runs/demo_tdm --turbo --prompt "a red circle above a blue square" --out out/
 
 SOURCE is a k2train run, its checkpoints/ folder or one step folder (text encoder,
 latent decoder and defaults come from the run's config.yaml; --encoder / --vae
 override data.encoder_path / data.vae_path), or released weights: a diffusers folder
 or a release .safetensors, which need --encoder (a Qwen3-VL folder) and --vae (a
 Qwen-Image or FLUX.2 VAE folder, or "pixels[:DOWNSAMPLE]").
+
+Sampler: --steps / --guidance default to a run's log.sample_steps / log.sample_guidance
+(released weights: Krea 2 Raw's 52 steps, guidance 3.5), --mu to the shift of the image-token
+count. --turbo samples a few-step student: a TDM run (stage.kind=tdm) at its own
+stage.tdm.segments steps and pinned stage.tdm.mu, anything else at Krea 2 Turbo's 8 steps
+and mu 1.15; guidance 0 either way. An explicit --steps / --guidance / --mu still wins.
 
 Every prompt is checked before anything loads, every image before it is written
 (trainer/safety.py). A refused prompt writes nothing at all; a refused image is left
@@ -22,14 +29,14 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-from trainer.flow import euler_sample
+from trainer.flow import euler_sample, shift_mu
 from trainer.lora_io import parse_lora
 from trainer.model import ModelConfig, patchify, positions, unpatchify
 
@@ -38,6 +45,35 @@ REFUSED_EXIT_CODE = 3
 KREA2_TEXT_LAYERS = list(range(2, 36, 3))
 # Krea 2 Raw's recommended sampling when no run says otherwise.
 RAW_STEPS, RAW_GUIDANCE = 52, 3.5
+# Krea 2 Turbo's: 8 Euler steps without guidance, the timestep shift pinned at 1.15 (the
+# guidance is distilled into the weights, and the student was trained on these very times).
+TURBO_STEPS, TURBO_GUIDANCE, TURBO_MU = 8, 0.0, 1.15
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How `generate` integrates: Euler steps, guidance and timestep shift (None: the shift
+    of the image-token count, trainer/flow.py's shift_mu)."""
+
+    steps: int
+    guidance: float
+    mu: float | None = None
+
+    def mu_used(self, image_tokens: int) -> float:
+        return shift_mu(image_tokens) if self.mu is None else self.mu
+
+    def describe(self) -> str:
+        """"8 steps, g 0, mu 1.15"; no mu when it comes from the image-token count."""
+        return f"{self.steps} steps, g {self.guidance:g}" + ("" if self.mu is None else f", mu {self.mu:g}")
+
+
+def turbo_sampler(run_cfg=None) -> Sampler:
+    """--turbo's sampler for a run's config (None: released weights): a TDM run's student
+    samples as it was trained, stage.tdm.segments steps at its pinned stage.tdm.mu; anything
+    else at Krea 2 Turbo's. Guidance 0 either way."""
+    if run_cfg is not None and run_cfg.stage.kind == "tdm":
+        return Sampler(run_cfg.stage.tdm.segments, 0.0, float(run_cfg.stage.tdm.mu))
+    return Sampler(TURBO_STEPS, TURBO_GUIDANCE, TURBO_MU)
 
 
 @torch.no_grad()
@@ -134,9 +170,9 @@ class Pipeline:
     encode: object  # prompts -> (text_BTKD, mask_BT)
     decode: object  # latents_BCHW -> images_BCHW in [-1, 1]
     downsample: int  # pixels per latent cell
-    steps: int  # defaults for --steps, --guidance, --size
-    guidance: float
-    size: int
+    sampler: Sampler  # the default sampler, and --turbo's
+    turbo: Sampler
+    size: int  # the default --size
     text: dict  # how prompts were encoded, for samples.json
 
 
@@ -180,7 +216,7 @@ def _run_pipeline(run_dir: str, model: nn.Module, a: argparse.Namespace, device:
         raise ValueError(f"{run_dir}: its config sets no data.vae_path for {data.latents.kind!r} latents; pass "
                          f"--vae PATH (a VAE folder)")
     return Pipeline(model, data.encoder.encode, data.latents.decode, data.latents.downsample,
-                    cfg.log.sample_steps, cfg.log.sample_guidance, cfg.data.image_size,
+                    Sampler(cfg.log.sample_steps, cfg.log.sample_guidance), turbo_sampler(cfg), cfg.data.image_size,
                     {"encoder": cfg.data.encoder_path or os.path.join(run_dir, "assets", "text_encoder"),
                      "layers": data.encoder.layers, "max_len": data.encoder.max_len})  # fmt: skip
 
@@ -198,7 +234,8 @@ def _released_pipeline(model: nn.Module, a: argparse.Namespace, device: torch.de
     if latents.channels != cfg.latent_channels:
         raise ValueError(f"--vae {a.vae} has {latents.channels} latent channels, the model {cfg.latent_channels} "
                          f"({cfg.in_channels} packed channels read with patch size {cfg.patch_size})")
-    return Pipeline(model, encoder.encode, latents.decode, latents.downsample, RAW_STEPS, RAW_GUIDANCE, 1024,
+    return Pipeline(model, encoder.encode, latents.decode, latents.downsample, Sampler(RAW_STEPS, RAW_GUIDANCE),
+                    turbo_sampler(), 1024,
                     {"encoder": a.encoder, "layers": layers, "max_len": a.text_len})
 
 
@@ -257,14 +294,16 @@ def sample(a: argparse.Namespace) -> int:
     device = torch.device(a.device)
     loras = [parse_lora(s, a.lora_scale) for s in a.lora]
     pipe = load_pipeline(a, loras, device)
-    steps = a.steps if a.steps is not None else pipe.steps
-    guidance = a.guidance if a.guidance is not None else pipe.guidance
+    given = {k: v for k, v in (("steps", a.steps), ("guidance", a.guidance), ("mu", a.mu)) if v is not None}
+    sampler = replace(pipe.turbo if a.turbo else pipe.sampler, **given)
+    steps, guidance = sampler.steps, sampler.guidance
     size = a.size if a.size is not None else pipe.size
     patch = pipe.model.cfg.patch_size
     if size % (pipe.downsample * patch):
         raise ValueError(f"--size {size} must be a multiple of {pipe.downsample * patch} "
                          f"(latent downsample {pipe.downsample} x patch {patch})")
     side = size // pipe.downsample
+    mu = sampler.mu_used((side // patch) ** 2)
 
     jobs = [(p, a.seed + i) for i, p in enumerate(p for p in prompts for _ in range(a.num_per_prompt))]
     batches = [jobs[i:i + a.batch_size] for i in range(0, len(jobs), a.batch_size)]
@@ -273,7 +312,7 @@ def sample(a: argparse.Namespace) -> int:
         start = time.perf_counter()
         batch_prompts, batch_seeds = [p for p, _ in batch], [s for _, s in batch]
         images = generate(pipe.model, pipe.encode, pipe.decode, batch_prompts, batch_seeds, pipe.model.cfg,
-                          (side, side), steps, guidance, device, mu=a.mu)  # fmt: skip
+                          (side, side), steps, guidance, device, mu=sampler.mu)  # fmt: skip
         pixels = to_uint8(images)
         verdicts = checker.check_images(pixels, batch_prompts)
         os.makedirs(a.out, exist_ok=True)
@@ -290,7 +329,7 @@ def sample(a: argparse.Namespace) -> int:
                 print(f'refused: image {index} (prompt "{prompt}", seed {seed}): {verdict.reason}', file=sys.stderr)
             records.append(record)
         print(f"sampling {b}/{len(batches)} | images {len(records)}/{len(jobs)} | {size}px {steps} steps "
-              f"guidance {guidance} | {time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
+              f"guidance {guidance:g} mu {mu:.3g} | {time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
 
     grid = None
     if kept:
@@ -304,7 +343,9 @@ def sample(a: argparse.Namespace) -> int:
         "source": os.path.abspath(a.source),
         "weights": a.weights,
         "loras": [{"path": p, "scale": s} for p, s in loras],
-        "settings": {"steps": steps, "guidance": guidance, "mu": a.mu, "size": size, "latent_hw": [side, side],
+        # mu: the shift used, pinned or the image-token count's (mu_pinned says which)
+        "settings": {"steps": steps, "guidance": guidance, "mu": mu, "mu_pinned": sampler.mu is not None,
+                     "turbo": a.turbo, "size": size, "latent_hw": [side, side],
                      "seed": a.seed, "num_per_prompt": a.num_per_prompt, "batch_size": a.batch_size,
                      "device": str(device), "text": pipe.text},  # fmt: skip
         "safety": repr(checker),
@@ -332,6 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float,
                    help=f"guidance (default: the run's log.sample_guidance, else {RAW_GUIDANCE})")
     p.add_argument("--mu", type=float, help="timestep shift (default: from the image-token count)")
+    p.add_argument("--turbo", action="store_true",
+                   help=f"few-step student: a TDM run's stage.tdm.segments steps and stage.tdm.mu, else "
+                        f"{TURBO_STEPS} steps and mu {TURBO_MU}; guidance 0 (--steps/--guidance/--mu override)")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4, help="images per generate call")

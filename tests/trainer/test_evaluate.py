@@ -14,6 +14,7 @@ from PIL import Image
 from data.shapes import BACKGROUNDS, PRETRAIN_COLOURS, Scene, ShapesWorld, parse_caption, scene_to_caption
 from trainer import evaluate as ev
 from trainer.config import TrainConfig
+from trainer.flow import shift_mu
 from trainer.lora_io import parse_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,7 +78,8 @@ class _Drawer:
                                       scene.relation))
 
 
-def _fake_generate(model, encode, decode, prompts, seeds, model_cfg, latent_hw, steps, guidance, device):
+def _fake_generate(model, encode, decode, prompts, seeds, model_cfg, latent_hw, steps, guidance, device,
+                   mu=None):
     if not isinstance(model, _Drawer):  # the untrained K2DiT: an empty canvas
         return torch.full((len(prompts), 3, 32, 32), BACKGROUNDS["dark"][0] / 127.5 - 1.0)
     return torch.stack([_draw(model.draws(p), s) for p, s in zip(prompts, seeds)])
@@ -193,3 +195,115 @@ def test_stages_of_different_models_are_refused(tmp_path, encoder_dir, stub_weig
     OmegaConf.save(cfg, os.path.join(other, "config.yaml"))
     with pytest.raises(ValueError, match="different model"):
         ev.compare_stages([base, other], str(tmp_path / "out"), seeds=1, steps=1, prompts=["held-out"])
+
+
+# ---- samplers: --turbo, --mu, and one row per RUN[+LORA[:SCALE]]...[@SAMPLER] spec ----------
+def _tdm_run(path, encoder_dir, segments=3, mu=0.7, step=200) -> str:
+    run = _run_dir(path, encoder_dir, step=step)
+    cfg = OmegaConf.load(os.path.join(run, "config.yaml"))
+    cfg.name, cfg.stage.name, cfg.stage.kind = path.name, "tdm", "tdm"
+    cfg.stage.tdm.segments, cfg.stage.tdm.mu = segments, mu
+    OmegaConf.save(cfg, os.path.join(run, "config.yaml"))
+    return run
+
+
+@pytest.fixture
+def samplers_used(stub_weights, monkeypatch):
+    """The (steps, guidance, mu) of every generate call, after the stub's own."""
+    used = []
+
+    def generate(model, encode, decode, prompts, seeds, model_cfg, latent_hw, steps, guidance, device, mu=None):
+        used.append((steps, guidance, mu))
+        return _fake_generate(model, encode, decode, prompts, seeds, model_cfg, latent_hw, steps, guidance, device)
+
+    monkeypatch.setattr(ev, "generate", generate)
+    return used
+
+
+def test_turbo_takes_a_tdm_runs_segments_and_mu_and_flags_override(tmp_path, encoder_dir, samplers_used, capsys):
+    tdm = _tdm_run(tmp_path / "tdm", encoder_dir, segments=3, mu=0.7)
+    ev.main([tdm, "--turbo", "--seeds", "1", "--prompts", "held-out"])
+    assert set(samplers_used) == {(3, 0.0, 0.7)}  # baseline and student alike
+    with open(os.path.join(tdm, "eval.json")) as f:
+        report = json.load(f)
+    assert (report["steps"], report["guidance"], report["mu"], report["mu_pinned"]) == (3, 0.0, 0.7, True)
+    assert "3 Euler steps, guidance 0.0, mu 0.7 (pinned)" in capsys.readouterr().out
+    samplers_used.clear()
+    ev.main([tdm, "--turbo", "--steps", "5", "--mu", "0.2", "--seeds", "1", "--prompts", "held-out"])
+    assert set(samplers_used) == {(5, 0.0, 0.2)}
+    samplers_used.clear()
+    plain = _run_dir(tmp_path / "plain", encoder_dir)  # not a TDM run: Krea 2 Turbo's sampler
+    ev.main([plain, "--turbo", "--guidance", "1.5", "--seeds", "1", "--prompts", "held-out"])
+    assert set(samplers_used) == {(8, 1.5, 1.15)}
+
+
+def test_stage_specs_give_one_row_per_sampler_and_lora(tmp_path, encoder_dir, stub_weights, samplers_used):
+    base = _run_dir(tmp_path / "base", encoder_dir, step=30)
+    tdm = _tdm_run(tmp_path / "demo_tdm", encoder_dir, segments=4, mu=0.5)
+    pink = str(tmp_path / "demo_pink")
+    out = str(tmp_path / "stages")
+    specs = [f"{base}@steps=6,guidance=2", f"{base}@steps=8,guidance=0,mu=0.25", f"{tdm}@turbo",
+             f"{tdm}+{pink}:0.5@turbo,mu=0.9", f"{base}@turbo", base]
+    ev.main([*specs, "--out", out, "--seeds", "1", "--steps", "2", "--prompts", "concept"])
+    # the weights of each row: LoRAs merged onto theirs only
+    assert stub_weights == [(base, "ema", ())] * 2 + [(tdm, "ema", ()), (tdm, "ema", ((pink, 0.5),))] + \
+        [(base, "ema", ())] * 2
+    with open(os.path.join(out, "stages.json")) as f:
+        report = json.load(f)
+    rows = report["stages"]
+    assert list(rows) == specs and report["steps"] is None  # the rows' samplers differ
+    auto_mu = shift_mu(64)  # 32 px pixels, patch 4: 64 image tokens
+    settings = [(rows[s]["steps"], rows[s]["guidance"], rows[s]["mu"], rows[s]["loras"]) for s in specs]
+    assert settings == [(6, 2.0, auto_mu, []), (8, 0.0, 0.25, []), (4, 0.0, 0.5, []), (4, 0.0, 0.9, [[pink, 0.5]]),
+                        (8, 0.0, 1.15, []), (2, 3.0, auto_mu, [])]
+    # each row generated with its own sampler: two sets (concept, concept-ref) per row
+    assert samplers_used == [x for x in [(6, 2.0, None), (8, 0.0, 0.25), (4, 0.0, 0.5), (4, 0.0, 0.9),
+                                         (8, 0.0, 1.15), (2, 3.0, None)] for _ in range(2)]
+    assert rows[specs[2]]["label"] == "demo_tdm (tdm, step_00000200) · 4 steps, g 0, mu 0.5"
+    assert rows[specs[3]]["label"] == "demo_tdm (tdm, step_00000200) + demo_pink x0.5 · 4 steps, g 0, mu 0.9"
+    assert rows[specs[0]]["label"].endswith("· 6 steps, g 2")  # mu from the image-token count
+    with open(os.path.join(out, "stages.md")) as f:
+        md = f.read()
+    assert md.startswith("1 seeds per prompt, each row's sampler in its label\n")
+    assert f"| {rows[specs[3]]['label']} | 100% / 100% / 100% / **100%** |" in md  # the LoRA knows pink
+    assert f"| {rows[specs[2]]['label']} | 0% / 0% / 0% / **0%** |" in md
+
+
+def test_bad_stage_specs_say_what_is_allowed(tmp_path, encoder_dir, stub_weights):
+    base = _run_dir(tmp_path / "base", encoder_dir)
+    for spec, message in [(f"{base}@steps=0", "steps=N"), (f"{base}@fast", "'fast' is not a sampler setting"),
+                          (f"{base}@", "nothing after '@'"), (f"{base}+@turbo", r"\+LORA\[:SCALE\]"),
+                          (f"{base}@mu=1,mu=2", "'mu' given twice")]:
+        with pytest.raises(ValueError, match=message) as e:
+            ev.compare_stages([base, spec], str(tmp_path / "out"), seeds=1, prompts=["held-out"])
+        assert spec in str(e.value)
+    with pytest.raises(ValueError, match="same row"):  # @turbo on a non-TDM run is spelled-out Turbo
+        ev.compare_stages([f"{base}@turbo", f"{base}@steps=8,guidance=0,mu=1.15"], str(tmp_path / "out"), seeds=1,
+                          prompts=["held-out"])
+
+
+def test_a_rows_sampler_gives_generates_images_bitwise(tmp_path, encoder_dir, monkeypatch):
+    from trainer.model import K2DiT
+    from trainer.sample import generate, to_uint8
+
+    run = _run_dir(tmp_path / "demo", encoder_dir)
+    cfg, data = ev.shapes_data(run)
+    torch.manual_seed(0)
+    model = K2DiT(cfg.model)
+    for p in model.parameters():  # random everywhere (zero-initialised outputs draw grey)
+        torch.nn.init.normal_(p, std=0.05)
+    monkeypatch.setitem(sys.modules, "trainer.weights",
+                        types.SimpleNamespace(load_weights=lambda source, which="ema", loras=(), model_cfg=None: model))
+    out = tmp_path / "stages"
+    specs = [f"{run}@steps=3,guidance=2,mu=0.9", f"{run}@steps=3,guidance=2"]
+    with torch.no_grad():
+        ev.compare_stages(specs, str(out), seeds=1, prompts=["held-out"])
+    prompts = data.world.held_out_prompts()
+    grid = np.asarray(Image.open(out / "stages.png"))
+    for row, mu in enumerate([0.9, None]):
+        expected = to_uint8(generate(model, data.encoder.encode, data.latents.decode, prompts, list(range(8)),
+                                     cfg.model, (32, 32), 3, 2.0, torch.device("cpu"), mu=mu))
+        top = row * (16 + 128 + 28) + 16  # a strip: 16 px label, 128 px cells (32 px images x4), 28 px captions
+        written = np.stack([grid[top:top + 128:4, c * 128:(c + 1) * 128:4] for c in range(8)])
+        assert np.array_equal(written, expected), row
+    assert not np.array_equal(grid[16:144], grid[16 + 172:144 + 172])  # mu reached the sampler

@@ -19,6 +19,7 @@ from data.latents import make_latents
 from data.shapes_loader import ensure_tiny_encoder
 from data.text import TextEncoder
 from tests.conftest import ROOT, run_training, train_env
+from trainer.config import TrainConfig
 from trainer.evaluate import load_run_config
 from trainer.model import K2DiT, ModelConfig, save_pretrained
 from trainer.safety import Blocklist, NoImageClassifier, build_checker
@@ -206,3 +207,56 @@ def test_run_step_dir_takes_its_encoder_decoder_and_defaults(tmp_path):
     written = np.asarray(Image.open(out / "0000_5_a-red-circle.png"))
     assert np.array_equal(written, expected(1.0))
     assert not np.array_equal(written, expected(None))  # --mu reached the sampler
+
+
+def _sample_in_process(argv):
+    from trainer.sample import parse_args, sample
+
+    with torch.no_grad():
+        return sample(parse_args(argv))
+
+
+def test_turbo_samples_a_tdm_run_at_its_segments_and_mu(source, tmp_path, monkeypatch):
+    # A TDM run's config (stage.kind=tdm) beside a checkpoint folder; its weights: the source's.
+    run = tmp_path / "tdm"
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(os.path.join(ROOT, "configs/model/tiny.yaml")))
+    cfg.model.patch_size = 2
+    cfg.data.encoder_path = str(source / "text_encoder")
+    cfg.data.text_len = TEXT_LEN
+    cfg.stage.kind, cfg.stage.tdm.segments, cfg.stage.tdm.mu = "tdm", 3, 0.7
+    os.makedirs(run / "checkpoints" / "step_00000001")
+    OmegaConf.save(cfg, run / "config.yaml")
+    model = load_weights(str(source / "transformer"))
+    monkeypatch.setattr("trainer.weights.load_weights", lambda src, which="ema", loras=(): model)
+    encoder = TextEncoder.from_pretrained(source / "text_encoder", layers=[1, 2, 3, 4], max_len=TEXT_LEN)
+
+    def expected(steps, mu):
+        images = generate(model, encoder.encode, make_latents("pixels").decode, [PROMPT], [4], model.cfg, (32, 32),
+                          steps, 0.0, torch.device("cpu"), mu=mu)  # fmt: skip
+        return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+    png = f"0000_4_{PROMPT.replace(' ', '-')}.png"
+    for flags, (steps, mu) in [([], (3, 0.7)), (["--steps", "2", "--mu", "0.3"], (2, 0.3))]:
+        out = tmp_path / f"out{steps}"
+        assert _sample_in_process([str(run), "--turbo", *flags, "--prompt", PROMPT, "--seed", "4", "--device", "cpu",
+                                   "--out", str(out)]) == 0
+        settings = json.loads((out / "samples.json").read_text())["settings"]
+        assert (settings["steps"], settings["guidance"], settings["mu"], settings["turbo"]) == (steps, 0.0, mu, True)
+        assert np.array_equal(np.asarray(Image.open(out / png)), expected(steps, mu))
+    assert not np.array_equal(expected(3, 0.7), expected(3, None))  # the pinned mu matters
+
+
+def test_turbo_on_released_weights_is_krea_2_turbos_sampler(source, tmp_path):
+    out = tmp_path / "out"
+    assert _sample_in_process([str(source / "transformer"), "--encoder", str(source / "text_encoder"), "--vae",
+                               "pixels", "--text-len", str(TEXT_LEN), "--size", "32", "--device", "cpu", "--turbo",
+                               "--guidance", "1.5", "--prompt", PROMPT, "--out", str(out)]) == 0
+    settings = json.loads((out / "samples.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"], settings["mu"], settings["mu_pinned"]) == (8, 1.5, 1.15, True)
+    model = load_weights(str(source / "transformer"))
+    encoder = TextEncoder.from_pretrained(source / "text_encoder", layers=[1, 2, 3, 4], max_len=TEXT_LEN)
+    images = generate(model, encoder.encode, make_latents("pixels").decode, [PROMPT], [0], model.cfg, (32, 32), 8,
+                      1.5, torch.device("cpu"), mu=1.15)  # fmt: skip
+    expected = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(Image.open(out / f"0000_0_{PROMPT.replace(' ', '-')}.png")), expected)
