@@ -205,10 +205,14 @@ def _status_once(dsns, interval: float, dead_rows: dict[int, int] | None = None,
                 q = ShardQueue(conn)
                 counts, finished = q.counts(), q.finished_since(interval)
                 warnings, dead_rows[i] = _health_warnings(conn, i, dead_rows.get(i), idle_warn_s, dead_rows_warn)
-        except psycopg.Error as e:
+        except psycopg.OperationalError as e:
             down += 1
             hint = " (retrying will not help: check the DSN and credentials)" if is_permanent(e) else ""
             lines.append(f"shard {i} ({mask_dsn(dsn)}): DOWN: {reason(e)}{hint}")
+            continue
+        except psycopg.Error as e:  # reachable, but not a working shard (no schema, no permission)
+            down += 1
+            lines.append(f"shard {i} ({mask_dsn(dsn)}): ERROR: {reason(e)}")
             continue
         rate = finished / interval
         total_rate += rate
@@ -220,7 +224,7 @@ def _status_once(dsns, interval: float, dead_rows: dict[int, int] | None = None,
             states = " ".join(f"{s}={c}" for s, c in sorted(by_kind[kind].items()))
             lines.append(f"  {kind:<16} {states}")
         lines += warnings
-    lines.append(f"total: {total_rate:.1f} jobs/s" + (f"; {down} of {len(dsns)} shards DOWN" if down else ""))
+    lines.append(f"total: {total_rate:.1f} jobs/s" + (f"; {down} of {len(dsns)} shards not working" if down else ""))
     return "\n".join(lines), down
 
 

@@ -90,7 +90,7 @@ _PERMANENT_TEXT = re.compile(
 
 def is_permanent(error: BaseException) -> bool:
     """True if connecting will keep failing however often it is retried (bad credentials, no database)."""
-    if isinstance(error, psycopg.ProgrammingError):  # a malformed DSN
+    if type(error) is psycopg.ProgrammingError:  # a malformed DSN (its subclasses are SQL errors)
         return True
     if getattr(error, "sqlstate", None) in _PERMANENT_STATES:
         return True
@@ -100,6 +100,8 @@ def is_permanent(error: BaseException) -> bool:
 def reason(error: BaseException) -> str:
     """The server's (or libpq's) own words, on one line."""
     text = " ".join(str(error).split())
+    if isinstance(error, psycopg.errors.UndefinedTable):
+        text += " (the shard has no Krablet schema: run `python -m krablet init`)"
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

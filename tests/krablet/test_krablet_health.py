@@ -40,3 +40,11 @@ def test_status_warns_about_an_idle_transaction_and_dead_rows(make_shards, capsy
     # Without the idle session and with default thresholds: no warning.
     assert cli.main(["--dsn", dsn, "status"]) == 0
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_status_of_a_shard_without_schema_says_to_run_init(pg, capsys):
+    dsn = pg.create_database("no_schema_yet")
+    assert cli.main(["--dsn", dsn, "status"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR: UndefinedTable" in out and "run `python -m krablet init`" in out, out
+    assert "retrying will not help" not in out
