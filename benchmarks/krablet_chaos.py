@@ -31,6 +31,7 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import tempfile
 import time
@@ -184,6 +185,7 @@ def main() -> None:
                 (starts if event == "start" else ends)[key] += 1
     for server in servers:
         server.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "jobs": args.jobs, "workers": args.workers, "kills": num_kills, "shard_restarts": 2,
         "seconds": round(elapsed, 1), "done": len(done_keys),
