@@ -18,7 +18,10 @@
 #   grpo      GRPO from the DPO run with the rubric reward (artifact and diversity logged,
 #             the artifact score guarding it);
 #   stages    scores pretraining, SFT, DPO and GRPO on the same prompts and seeds: one
-#             table (rubric checks, artifact, diversity) and one grid in runs/<name>_stages.
+#             table (rubric checks, artifact, diversity) and one grid in runs/<name>_stages;
+#   tdm       TDM distils the GRPO model into an 8-step, guidance-free student (Turbo);
+#   turbo     a row per sampler on held-out prompts: the teacher at 50 steps with guidance
+#             3 and at 8 steps without, the student at its 8 steps (runs/<name>_turbo).
 # Extra arguments are Hydra overrides of the pretraining (e.g. stage.steps=800 name=longer).
 # `K2_DEMO_STAGES="lora compare" bash scripts/demo.sh` runs only those stages.
 # Interrupt it and run it again: finished jobs are not redone and training resumes
@@ -30,7 +33,7 @@ cd "$root"
 py="${K2_VENV:-$root/.venv}/bin/python"
 name=demo
 for arg in "$@"; do [[ "$arg" == name=* ]] && name="${arg#name=}"; done
-stages="${K2_DEMO_STAGES:-ingest pretrain evaluate concept lora compare artifact dpo grpo stages}"
+stages="${K2_DEMO_STAGES:-ingest pretrain evaluate concept lora compare artifact dpo grpo stages tdm turbo}"
 samples="${K2_DEMO_SAMPLES:-24000}"  # 2800 steps x batch 32: under four epochs
 write=(--chunk-size 2000 --resolution 32 --bucket-multiple 16 --latents shapes_ae --vae-path "runs/$name/autoencoder"
        --text-len 16 --workers 2 --run-dir "runs/$name/krablet")
@@ -61,4 +64,8 @@ run grpo && "$py" -m trainer.train experiment=demo_grpo "name=${name}_grpo" "che
   "${rl[@]}" "++stage.grpo.reward_options={artifact:{path:runs/$name/artifact}}"
 run stages && "$py" -m trainer.evaluate "runs/$name" "runs/${name}_pink" "runs/${name}_dpo" "runs/${name}_grpo" \
   --out "runs/${name}_stages" --seeds 4 --reward "artifact:path=runs/$name/artifact" --reward diversity
+run tdm && "$py" -m trainer.train experiment=demo_tdm "name=${name}_tdm" "checkpoint.init_from=runs/${name}_grpo" \
+  "${rl[@]}"
+run turbo && "$py" -m trainer.evaluate "runs/${name}_grpo@steps=50,guidance=3" "runs/${name}_grpo@steps=8,guidance=0,mu=0.5" \
+  "runs/${name}_tdm@turbo" --prompts held-out --seeds 4 --out "runs/${name}_turbo"
 exit 0
