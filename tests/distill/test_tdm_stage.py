@@ -89,3 +89,18 @@ def test_lora_student_holds_adapters_only_and_exports(teacher, run_root):
     assert moved, "the student's merged weights differ from the teacher's"
     for k in merged:
         torch.testing.assert_close(rel[k], merged[k], rtol=0, atol=0)
+
+
+def test_tdm_runs_under_two_process_fsdp_in_bf16_with_checkpointing(teacher, run_root):
+    # Student, fake score and teacher sharded on one 2-rank mesh; each rank rolls out as far
+    # as the furthest segment any rank drew, so their forwards (and collectives) line up.
+    run_training(*TDM, f"run_root={run_root}", f"checkpoint.init_from={teacher}", "stage.steps=2",
+                 "stage.micro_batch_size=2", "parallel.param_dtype=bfloat16", "parallel.activation_checkpoint=full",
+                 "name=fsdp", nproc=2)
+    run_dir = os.path.join(run_root, "fsdp")
+    logged = rows(run_dir)
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r[k])) for r in logged for k in ("loss", "fake_loss", "grad_norm"))
+    keys = [k for k, _ in flatten(final_state(run_dir))]
+    assert any(k.startswith("fake_score.blocks") for k in keys) and any(k.startswith("model.blocks") for k in keys)
+    assert not any("teacher" in k for k in keys)
