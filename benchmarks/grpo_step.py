@@ -112,14 +112,7 @@ class BenchGRPO(GRPOStage):
         self.latent_hw = (side, side)
         self.tokens = (side // cfg.model.patch_size) ** 2
         self.prompts = [f"prompt {i}" for i in range(self.g.prompts_per_step)]
-        m, T = cfg.model, args.text_len
-        gen = torch.Generator().manual_seed(0)
-        feats = torch.randn(len(self.prompts) + 1, T, m.num_text_layers, m.text_dim, generator=gen)
-        mask = torch.zeros(len(self.prompts) + 1, T, dtype=torch.bool)
-        mask[:-1, : args.valid_text] = True
-        mask[-1, :NULL_VALID] = True
-        self.features = feats.masked_fill(~mask[:, :, None, None], 0.0).to(d.device, torch.bfloat16)
-        self.mask = mask.to(d.device)
+        self.features, self.mask = random_text_features(len(self.prompts), cfg.model, args, d.device)
         self.reward_gen = torch.Generator().manual_seed(1)
         self.rollout_s = 0.0
 
@@ -138,6 +131,18 @@ class BenchGRPO(GRPOStage):
         sync(self.d.device)
         self.rollout_s = time.perf_counter() - start
         return ro
+
+
+def random_text_features(n: int, m: ModelConfig, args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, mask) standing for n prompts of `args.valid_text` valid tokens and, last, the
+    empty prompt: bf16 features, padding zeroed, on the device."""
+    T = args.text_len
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(n + 1, T, m.num_text_layers, m.text_dim, generator=gen)
+    mask = torch.zeros(n + 1, T, dtype=torch.bool)
+    mask[:-1, : args.valid_text] = True
+    mask[-1, :NULL_VALID] = True
+    return feats.masked_fill(~mask[:, :, None, None], 0.0).to(device, torch.bfloat16), mask.to(device)
 
 
 def sync(device: torch.device) -> None:

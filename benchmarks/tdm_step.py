@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from grpo_step import random_text_features, sync  # the stand-in for the text encoder
 from train_step import load_config  # the model config by name, or the tiny one (--tiny)
 
 from distill.config import TDMConfig
@@ -34,7 +35,6 @@ from trainer.parallel import Dist
 from trainer.stage import Stage, Trainable, build_dit
 
 ROOT = Path(__file__).resolve().parents[1]
-NULL_VALID = 5  # valid tokens of the empty prompt: the chat template's suffix (data/text.py)
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,11 +61,6 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class BenchTDM(TDMStage):
     """TDMStage with random text features in place of the encoder and the world; phases timed."""
 
@@ -85,14 +80,7 @@ class BenchTDM(TDMStage):
         self.tokens = (side // cfg.model.patch_size) ** 2
         self.loss = TDMLoss(self.g, sampling_times(self.g.segments, self.tokens, self.g.mu))
         self.prompts = [f"prompt {i}" for i in range(a.batch)]
-        m, T = cfg.model, a.text_len
-        gen = torch.Generator().manual_seed(0)
-        feats = torch.randn(a.batch + 1, T, m.num_text_layers, m.text_dim, generator=gen)
-        mask = torch.zeros(a.batch + 1, T, dtype=torch.bool)
-        mask[:-1, :a.valid_text] = True
-        mask[-1, :NULL_VALID] = True
-        self.features = feats.masked_fill(~mask[:, :, None, None], 0.0).to(d.device, torch.bfloat16)
-        self.mask = mask.to(d.device)
+        self.features, self.mask = random_text_features(a.batch, cfg.model, a, d.device)
         self.times_s: dict[str, float] = {}
 
     def draw_prompts(self, step, total, purpose="prompts"):
