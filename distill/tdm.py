@@ -228,8 +228,10 @@ class TDMStage(PromptedStage):
             raise ValueError("stage.kind=tdm needs checkpoint.init_from: the teacher (and the student's and the fake "
                              "score's starting weights)")
 
-    def sampler(self) -> dict:
-        return {"steps": self.g.segments, "guidance": 0.0, "mu": self.g.mu}
+    def sampler(self):
+        from trainer.sample import turbo_sampler  # the student samples as it was trained
+
+        return turbo_sampler(self.cfg)
 
     def set_lr(self, step: int) -> float:
         lr = lr_at(step, self.cfg.stage.steps, self.cfg.optimizer)

@@ -164,7 +164,7 @@ def save_samples(run: Run) -> None:
     with run.stage.sampling() as model:
         images = generate(
             model, data.encoder.encode, data.latents.decode, prompts, seeds, cfg.model, (side, side),
-            sampler["steps"], sampler["guidance"], run.d.device, mu=sampler["mu"],
+            sampler.steps, sampler.guidance, run.d.device, mu=sampler.mu,
         )
     if run.d.is_main:
         grid = grid_image(images, prompts)

@@ -250,10 +250,11 @@ class Stage:
     def sampling(self):
         return self.trainables[self.main].ema_weights()
 
-    def sampler(self) -> dict:
-        """How the loop's sample grids are drawn: steps, guidance and timestep shift (mu)."""
-        return {"steps": self.cfg.log.sample_steps, "guidance": self.cfg.log.sample_guidance,
-                "mu": self.cfg.stage.flow.mu}
+    def sampler(self):
+        """How the loop's sample grids are drawn (trainer.sample.Sampler: steps, guidance, mu)."""
+        from trainer.sample import Sampler
+
+        return Sampler(self.cfg.log.sample_steps, self.cfg.log.sample_guidance, self.cfg.stage.flow.mu)
 
     def validate(self, step: int) -> dict[str, float]:
         return {}
