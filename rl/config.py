@@ -81,6 +81,10 @@ class DPOConfig:
     train_micro_batch: int = 16  # pairs per forward (per rank)
     rewards: dict[str, float] = field(default_factory=lambda: {"rubric": 1.0})
     reward_options: dict[str, dict] = field(default_factory=dict)  # as GRPOConfig.reward_options
+    # A pair shard set (rl/pairs.py) to train on instead of online pairs: each step takes
+    # prompts_per_step of its (winner, loser) pairs; group_size, sample_steps, guidance,
+    # noise_level, min_margin and rewards are then unused.
+    pairs: str | None = None
 
     def validate(self, world_size: int) -> None:
         from trainer.config import POSITIVE, NON_NEGATIVE, check

@@ -42,7 +42,7 @@ class RolloutStage(PromptedStage):
         self.reference = reference
         self.frozen["reference"] = ref_info
         options = {name: dict(o) for name, o in self.g.reward_options.items()}
-        self.reward = build_reward(dict(self.g.rewards), data.world, options)
+        self.reward = build_reward(dict(self.g.rewards), data.world, options) if self.draws_prompts() else None
 
     @classmethod
     def validate_config(cls, cfg: TrainConfig) -> None:
@@ -52,10 +52,15 @@ class RolloutStage(PromptedStage):
         if not cfg.checkpoint.init_from:
             raise ValueError(f"stage.kind={cfg.stage.kind} needs checkpoint.init_from: the policy and its frozen "
                              f"reference start from a trained model")
-        images = g.prompts_per_step * g.group_size
+        images, what = cls.images_per_step(g)
         if cfg.stage.global_batch_size != images:
-            raise ValueError(f"stage.global_batch_size={cfg.stage.global_batch_size} must equal the rollout's "
-                             f"images per step, stage.{cls.section}.prompts_per_step x group_size = {images}")
+            raise ValueError(f"stage.global_batch_size={cfg.stage.global_batch_size} must equal the {what} = {images}")
+
+    @classmethod
+    def images_per_step(cls, g) -> tuple[int, str]:
+        """(images a step trains on, how that number is made, for the error message)."""
+        return g.prompts_per_step * g.group_size, (f"rollout's images per step, stage.{cls.section}.prompts_per_step"
+                                                   f" x group_size")
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()

@@ -26,14 +26,20 @@ class PromptedStage(Stage):
     def __init__(self, cfg: TrainConfig, d: Dist, data, resume_dir: str | None):
         super().__init__(cfg, d, data, resume_dir)
         kind = cfg.stage.kind
-        if data.encoder is None or not hasattr(data.latents, "decode") or data.world is None:
-            raise ValueError(f"stage.kind={kind} needs a text encoder (data.encoder_path), a latent decoder "
-                             "(data.vae_path) and a world for prompts and rewards (data.world=shapes)")
         self.g = getattr(cfg.stage, self.section)
-        self.prompts = sorted(data.world.training_captions())
+        needs_world = self.draws_prompts()
+        if data.encoder is None or not hasattr(data.latents, "decode") or (needs_world and data.world is None):
+            raise ValueError(f"stage.kind={kind} needs a text encoder (data.encoder_path), a latent decoder "
+                             "(data.vae_path)" + (" and a world for prompts and rewards (data.world=shapes)"
+                                                  if needs_world else ""))
+        self.prompts = sorted(data.world.training_captions()) if data.world is not None else []
         side = cfg.data.image_size // data.latents.downsample
         self.latent_hw = (side, side)
         self.tokens = (side // cfg.model.patch_size) ** 2
+
+    def draws_prompts(self) -> bool:
+        """Whether this stage samples from the world's captions (False: it reads its inputs)."""
+        return True
 
     def _seed(self, step: int, purpose: str) -> int:
         """A seed of this rank's draws for (step, purpose)."""
