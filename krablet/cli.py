@@ -1,4 +1,4 @@
-"""``python -m krablet {init,submit,worker,drain,status,retry}``.
+"""``python -m krablet {init,submit,worker,drain,status,retry,lineage}``.
 
 Shards come from ``--dsn`` (repeatable), else ``--dsn-file`` / ``KRABLET_DSN_FILE``
 (one DSN per line), else ``KRABLET_DSNS`` (comma-separated), else an embedded
@@ -283,10 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="warn when krablet_jobs holds more dead rows than this (and than live ones)")
     r = sub.add_parser("retry", help="move dead jobs back to pending")
     r.add_argument("--kind")
+    li = sub.add_parser("lineage", help="which curation stage kept or dropped an input, with score and reason")
+    li.add_argument("keys", nargs="*", help="input keys (as the pipeline named them: its source)")
+    li.add_argument("--summary", action="store_true", help="per stage: items kept and dropped, by reason")
+    li.add_argument("--prefix", default="", help="--summary: only items whose key starts with this")
+    li.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
-COMMANDS = {"init": cmd_init, "submit": cmd_submit, "worker": cmd_worker, "drain": cmd_drain,
+def cmd_lineage(args, dsns) -> int:
+    from dataclasses import asdict
+
+    from krablet.lineage import format_summary, format_trail, lookup, summary
+
+    if not args.keys and not args.summary:
+        raise UsageError("lineage: name input keys, or --summary")
+    for dsn in dsns:
+        migrate(dsn)
+    if args.summary:
+        rows = summary(dsns, args.prefix)
+        print(json.dumps(rows) if args.json else format_summary(rows))
+    missing = 0
+    for key in args.keys:
+        trail = lookup(dsns, key)
+        missing += not trail
+        print(json.dumps({"item": key, "trail": [asdict(d) for d in trail]}) if args.json else format_trail(key, trail))
+    return 1 if missing else 0
+
+
+COMMANDS = {"lineage": cmd_lineage, "init": cmd_init, "submit": cmd_submit, "worker": cmd_worker, "drain": cmd_drain,
             "status": cmd_status, "retry": cmd_retry}
 
 

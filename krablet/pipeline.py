@@ -137,7 +137,7 @@ def index_job(payload: dict, ctx) -> dict:
     return {"total": index["total"], "shards": len(index["shards"])}
 
 
-def ingest_jobs(inputs: str, out: str, encoder: str, chunk_size: int = 1000, text_len: int = 512,
+def ingest_jobs(inputs: str | list[Chunk], out: str, encoder: str, chunk_size: int = 1000, text_len: int = 512,
                 text_layers: list[int] | None = None, latents: str = "pixels", vae_path: str | None = None,
                 pixel_downsample: int = 1, writer: WriterConfig | None = None, device: str = "cpu",
                 autoencoder=None) -> list[NewJob]:
@@ -172,7 +172,7 @@ def ingest_jobs(inputs: str, out: str, encoder: str, chunk_size: int = 1000, tex
     deps = tuple(j.key for j in pre)
     chunks = [NewJob("shards.write_chunk", payload := {**common, "chunk": c.to_json()},
                      key=f"shards:{out}:{c.name}:{_digest(payload)}", deps=deps)
-              for c in list_chunks(inputs, chunk_size)]
+              for c in (list_chunks(inputs, chunk_size) if isinstance(inputs, str) else inputs)]
     index = NewJob("shards.index", {"out": out}, key=f"shards:{out}:index:{_digest([j.key for j in chunks])}",
                    deps=tuple(j.key for j in chunks))
     return pre + chunks + [index]

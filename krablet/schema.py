@@ -111,7 +111,14 @@ def _v2_archive_done_jobs(conn: sa.Connection) -> None:
         " errors, created_at, finished_at FROM krablet_jobs_done"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_create_tables, _v2_archive_done_jobs]
+def _v3_lineage(conn: sa.Connection) -> None:
+    from krablet.lineage import CREATE
+
+    conn.execute(sa.text(CREATE))
+    conn.execute(sa.text("CREATE INDEX krablet_lineage_stage_idx ON krablet_lineage (stage, decision)"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_create_tables, _v2_archive_done_jobs, _v3_lineage]
 _LOCK_ID = 0x6B7261626C6574  # "krablet"
 
 

@@ -22,9 +22,9 @@ def job_row(dsn, key):
 
 def test_migrate_is_versioned_and_idempotent(make_shards):
     (dsn,) = make_shards(1)
-    assert migrate(dsn) == 2  # second run: nothing to do
+    assert migrate(dsn) == 3  # second run: nothing to do
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT array_agg(version) FROM krablet_schema_version").fetchone()[0] == [1, 2]
+        assert conn.execute("SELECT array_agg(version) FROM krablet_schema_version").fetchone()[0] == [1, 2, 3]
 
 
 def test_malformed_payload_rejected_at_submit_and_nothing_written(make_shards):
