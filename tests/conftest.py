@@ -75,6 +75,15 @@ def last_logged_step(run_dir: str) -> int:
     return rows[-1]["step"] if rows else 0
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, _tiny_encoder_cache) -> str:
+    """A 2-step `test_tiny` run, trained once per session: the starting point of the stage
+    tests (DPO, GRPO, TDM), which only read it (checkpoint.init_from)."""
+    root = str(tmp_path_factory.mktemp("tiny_base"))
+    run_training("experiment=test_tiny", f"run_root={root}", "name=base", "stage.steps=2")
+    return os.path.join(root, "base")
+
+
 @pytest.fixture
 def run_root(tmp_path):
     return str(tmp_path / "runs")

@@ -29,11 +29,9 @@ def rows(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("runs"))
-    run_training("experiment=test_tiny", f"run_root={root}", "name=teacher", "stage.steps=2")
-    return os.path.join(root, "teacher")
+@pytest.fixture
+def teacher(tiny_base):
+    return tiny_base
 
 
 def test_tdm_killed_at_random_steps_resumes_bitwise(teacher, run_root):

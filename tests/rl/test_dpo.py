@@ -22,9 +22,8 @@ def rows(run_dir: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_dpo_starts_at_ln2_and_learns_a_toy_preference(run_root):
-    run_training("experiment=test_tiny", f"run_root={run_root}", "name=base", "stage.steps=2")
-    base = os.path.join(run_root, "base")
+def test_dpo_starts_at_ln2_and_learns_a_toy_preference(run_root, tiny_base):
+    base = tiny_base
     run_training("experiment=test_tiny", *DPO, f"run_root={run_root}", "name=dpo", f"checkpoint.init_from={base}",
                  "stage.steps=24")
     log = rows(os.path.join(run_root, "dpo"))
@@ -70,19 +69,19 @@ def _write_pair_shards(folder, out, encoder_dir) -> str:
 
 
 @pytest.mark.slow
-def test_dpo_on_a_stored_pair_set_starts_at_ln2_and_learns_its_preference(run_root, tiny_encoder_dir, tmp_path):
+def test_dpo_on_a_stored_pair_set_starts_at_ln2_and_learns_its_preference(run_root, tiny_base, tiny_encoder_dir,
+                                                                         tmp_path):
     """stage.dpo.pairs: pairs written by the shard writer from a folder (the layout human
     preference data comes in) instead of the policy's own rollouts."""
     _pair_folder(tmp_path / "pairs")
     shards = _write_pair_shards(tmp_path / "pairs", tmp_path / "pair_shards", tiny_encoder_dir)
-    run_training("experiment=test_tiny", f"run_root={run_root}", "name=base", "stage.steps=2")
     data = ["data=shards", f"data.path={shards}", f"data.encoder_path={tiny_encoder_dir}", "data.text_len=24",
             "data.image_size=32", "data.num_workers=0"]
     run_training("experiment=test_tiny", "stage=dpo", *data, f"++stage.dpo.pairs={shards}",
                  "stage.global_batch_size=8", "stage.micro_batch_size=8", "stage.dpo.prompts_per_step=4",
                  "stage.dpo.train_micro_batch=4", "stage.dpo.beta=2000", "optimizer.lr=3e-3",
                  "optimizer.warmup_steps=0", "log.every=1", "checkpoint.every=100", "log.sample_every=0",
-                 f"run_root={run_root}", "name=dpo_pairs", f"checkpoint.init_from={os.path.join(run_root, 'base')}",
+                 f"run_root={run_root}", "name=dpo_pairs", f"checkpoint.init_from={tiny_base}",
                  "stage.steps=24")
     log = rows(os.path.join(run_root, "dpo_pairs"))
     assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[0]["implicit_acc"] == 0.0
@@ -98,7 +97,7 @@ def test_dpo_on_a_stored_pair_set_starts_at_ln2_and_learns_its_preference(run_ro
     from rl.pairs import PairSet, make_pairs
 
     made = tmp_path / "made"
-    report = make_pairs(os.path.join(run_root, "base"), str(made), prompts=4, candidates=3, steps=4, guidance=0.0,
+    report = make_pairs(tiny_base, str(made), prompts=4, candidates=3, steps=4, guidance=0.0,
                         reward="tests/rl/toy_rewards")
     assert report["pairs"] == 4
     made_rows = [json.loads(line) for line in open(made / "captions.jsonl")]

@@ -23,11 +23,9 @@ def rows(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("runs"))
-    run_training("experiment=test_tiny", f"run_root={root}", "name=base", "stage.steps=2")
-    return os.path.join(root, "base")
+@pytest.fixture
+def base(tiny_base):
+    return tiny_base
 
 
 @pytest.mark.slow
