@@ -160,3 +160,25 @@ def test_the_writer_records_checksums_the_loader_verifies(shards, reference):
         with open(os.path.join(shards, entry["name"]), "rb") as f:
             assert entry["sha256"] == hashlib.sha256(f.read()).hexdigest()
     _assert_same(next(_loader(shards, verify="checksum")), reference[0])
+
+
+# The unweighted plan as it was before weighted plans existed: pinned, so a change to how
+# plans are computed cannot move a pretraining run's stream.
+PLAN_SHA = "590725edf8df9d3cc3f80891df7d2f5398e98b84269d67707d5a74cea2e3ae24"
+STREAM_SHA = "038c202e9d1cde7e75f5782b6a5a7d017a5d19b265e0d716f9e70e2f48277f75"
+
+
+def test_the_unweighted_plan_and_stream_are_pinned(reference):
+    bucket_S = np.random.default_rng(7).integers(0, 3, 1000).astype(np.int32)
+    h = hashlib.sha256()
+    for seed, epoch, world_size, batch_size in [(0, 0, 1, 4), (3, 2, 2, 4), (5, 1, 3, 7), (1, 9, 8, 1)]:
+        for rank in range(world_size):
+            plan = plan_epoch(bucket_S, seed, epoch, rank, world_size, batch_size)
+            h.update(np.ascontiguousarray(plan, dtype="<i8").tobytes())
+    assert h.hexdigest() == PLAN_SHA
+    # The loader's stream: which samples, in which batches, with which captions dropped.
+    h = hashlib.sha256()
+    for batch in reference:
+        h.update(batch.sample_ids.numpy().astype("<i8").tobytes())
+        h.update("\n".join(batch.captions).encode())
+    assert h.hexdigest() == STREAM_SHA
