@@ -56,6 +56,13 @@ class DataConfig:
     # data.name="shards": a sample whose latent has a NaN/inf or |x| >= this is skipped (its
     # shard and key in the log and skipped_samples.jsonl); latents are normalised to ~unit scale.
     max_abs_latent: float = 1e4
+    # data.name="shards", midtraining: a per-sample weights file for this shard set
+    # (data/weights.py). Each epoch then draws epoch_size samples with replacement, each with
+    # probability proportional to its weight (a weight of 0: never drawn); None: every
+    # sample once per epoch. The file is refused if written for another index.
+    weights: str | None = None
+    # With data.weights: draws per epoch (None: the index's total).
+    epoch_size: int | None = None
 
     def __post_init__(self):
         self.validate()
@@ -82,6 +89,10 @@ class DataConfig:
             ("synthetic_valid_text", 0.0 < self.synthetic_valid_text <= 1.0, "in (0, 1]"),
             ("verify", self.verify in ("size", "checksum"), "size|checksum"),
             ("max_abs_latent", self.max_abs_latent > 0, "> 0"),
+            ("weights", self.weights is None or (self.name == "shards" and bool(self.weights)),
+             "null, or a weights file (data/weights.py) with data.name=shards"),
+            ("epoch_size", self.epoch_size is None or (self.epoch_size >= 1 and self.weights is not None),
+             "null, or >= 1 with data.weights set"),
         ]
         for key, ok, rule in rules:
             if not ok:

@@ -18,6 +18,15 @@ on the worker count, and resuming is a matter of rebuilding the plan and startin
 Caption dropout is decided per (seed, epoch, sample index): a sample dropped in one
 epoch may keep its caption in the next, and the decision does not depend on the rank.
 
+With per-sample weights (data/weights.py; midtraining), step 1 draws instead: epoch_size
+samples with replacement, sample i with probability weights[i] / sum(weights), from the
+generator of (seed, epoch); steps 2 and 3 deal and cut the draws as they would the
+permutation. A sample may then come up several times in an epoch, so caption dropout is
+decided per draw, and each draw has its own id ((epoch * epoch_size + draw) * total +
+sample: per-sample noise differs between the copies, and id % total is still the sample).
+The plan is then a pure function of (index, weights, seed, epoch, world_size, batch_size,
+epoch_size), and resuming is as exact as without weights.
+
 Damage is found as early as it can be: at start every shard must exist with the byte
 size the index records (verify="checksum" also compares each file's sha256 with the
 writer's), a damaged tar header is named at read by shard, key and byte, and a sample
@@ -43,6 +52,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import Batch
+from data.weights import read_weights, weighted_draws, weights_sha256
 
 FORMAT = "k2train-shards/1"
 _DROPOUT_STREAM = 0xD20F  # a caption-dropout RNG stream apart from the plan's [seed, epoch]
@@ -144,23 +154,48 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def plan_epoch(bucket_S: np.ndarray, seed: int, epoch: int, rank: int, world_size: int,
-               batch_size: int) -> np.ndarray:
-    """(num_batches, batch_size) sample indices of `rank`'s batches in `epoch`, in stream order."""
-    per_rank = len(bucket_S) // world_size
-    perm = np.random.default_rng([seed, epoch]).permutation(len(bucket_S))[:per_rank * world_size]
-    dealt_RS = perm.reshape(per_rank, world_size).T  # row r: rank r's samples, in permutation order
+def _deal(stream_S: np.ndarray, bucket_S: np.ndarray, seed: int, epoch: int, rank: int, world_size: int,
+          batch_size: int) -> np.ndarray:
+    """(num_batches, batch_size) positions in `stream_S` (an epoch's samples in draw order)
+    of `rank`'s batches, in stream order: dealt round-robin, grouped by bucket, cut, shuffled."""
+    per_rank = len(stream_S) // world_size
+    dealt_RS = np.arange(per_rank * world_size).reshape(per_rank, world_size).T  # row r: rank r's positions
+    bucket_P = bucket_S[stream_S]
     num_buckets = int(bucket_S.max()) + 1 if len(bucket_S) else 0
-    counts_RB = np.stack([np.bincount(bucket_S[row], minlength=num_buckets) for row in dealt_RS])
+    counts_RB = np.stack([np.bincount(bucket_P[row], minlength=num_buckets) for row in dealt_RS])
     num_batches = int((counts_RB // batch_size).sum(axis=1).min()) if per_rank else 0
     mine = dealt_RS[rank]
     batches = []
     for b in range(num_buckets):
-        same = mine[bucket_S[mine] == b]  # boolean indexing keeps permutation order
+        same = mine[bucket_P[mine] == b]  # boolean indexing keeps stream order
         full = len(same) // batch_size * batch_size
         batches.extend(same[:full].reshape(-1, batch_size))
     order = np.random.default_rng([seed, epoch, 1 + rank]).permutation(len(batches))[:num_batches]
     return np.stack([batches[i] for i in order]) if num_batches else np.zeros((0, batch_size), np.int64)
+
+
+def plan_epoch(bucket_S: np.ndarray, seed: int, epoch: int, rank: int, world_size: int,
+               batch_size: int) -> np.ndarray:
+    """(num_batches, batch_size) sample indices of `rank`'s batches in `epoch`, in stream order."""
+    perm = np.random.default_rng([seed, epoch]).permutation(len(bucket_S))
+    return perm[_deal(perm, bucket_S, seed, epoch, rank, world_size, batch_size)]
+
+
+def plan_weighted_epoch(bucket_S: np.ndarray, weights_S: np.ndarray, seed: int, epoch: int, rank: int,
+                        world_size: int, batch_size: int, epoch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, draws): (num_batches, batch_size) sample indices of `rank`'s batches in
+    `epoch`, and the position of each in the epoch's weighted_draws (its draw)."""
+    drawn = weighted_draws(weights_S, seed, epoch, epoch_size)
+    draws = _deal(drawn, bucket_S, seed, epoch, rank, world_size, batch_size)
+    return drawn[draws], draws
+
+
+def draw_ids(epoch: int, draws: np.ndarray, samples: np.ndarray, epoch_size: int, total: int) -> np.ndarray:
+    """The int64 sample_ids of weighted draws: (epoch * epoch_size + draw) * total + sample."""
+    if (epoch + 1) * epoch_size * total >= 2 ** 63:
+        raise ValueError(f"epoch {epoch} of {epoch_size} draws from {total} samples: draw ids would overflow int64; "
+                         f"use a smaller data.epoch_size")
+    return (epoch * epoch_size + draws.astype(np.int64)) * total + samples
 
 
 def caption_dropped(total: int, seed: int, epoch: int, rate: float) -> np.ndarray:
@@ -181,28 +216,40 @@ class _Plan:
     caption_dropout: float
     text_len: int
     max_abs_latent: float
+    epoch_size: int = 0  # draws per epoch of a weighted plan (0: unweighted)
 
 
 class _PlannedBatches(IterableDataset):
     """The infinite stream of planned batches from (epoch, batch), split over DataLoader workers."""
 
-    def __init__(self, index: ShardIndex, plan: _Plan, epoch: int, batch: int):
-        self.index, self.plan, self.start = index, plan, (epoch, batch)
+    def __init__(self, index: ShardIndex, plan: _Plan, epoch: int, batch: int, weights_S: np.ndarray | None = None):
+        self.index, self.plan, self.start, self.weights_S = index, plan, (epoch, batch), weights_S
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        reader, p = ShardReader(self.index, self.plan.text_len, self.plan.max_abs_latent), self.plan
+        p, total = self.plan, self.index.total
+        reader = ShardReader(self.index, p.text_len, p.max_abs_latent)
         epoch, first = self.start
         position = 0
         while True:
-            batches = plan_epoch(self.index.bucket, p.seed, epoch, p.rank, p.world_size, p.batch_size)
+            if self.weights_S is None:
+                batches = plan_epoch(self.index.bucket, p.seed, epoch, p.rank, p.world_size, p.batch_size)
+                dropped = caption_dropped(total, p.seed, epoch, p.caption_dropout)
+            else:
+                batches, draws = plan_weighted_epoch(self.index.bucket, self.weights_S, p.seed, epoch, p.rank,
+                                                     p.world_size, p.batch_size, p.epoch_size)
+                dropped = caption_dropped(p.epoch_size, p.seed, epoch, p.caption_dropout)  # per draw
             if not len(batches):
-                raise ValueError(f"{self.index.path}: epoch {epoch} has no full batch of {p.batch_size} on rank {p.rank}")
-            dropped = caption_dropped(self.index.total, p.seed, epoch, p.caption_dropout)
+                raise ValueError(f"{self.index.path}: epoch {epoch} has no full batch of {p.batch_size} "
+                                 f"on rank {p.rank}")
             for n in range(first, len(batches)):
                 if position % num_workers == worker:
-                    yield reader.batch(epoch, n, batches[n], dropped)
+                    if self.weights_S is None:
+                        yield reader.batch(epoch, n, batches[n], dropped)
+                    else:
+                        yield reader.batch(epoch, n, batches[n], dropped, dropped_rows=dropped[draws[n]],
+                                           sample_ids=draw_ids(epoch, draws[n], batches[n], p.epoch_size, total))
                 position += 1
             epoch, first = epoch + 1, 0
 
@@ -293,17 +340,25 @@ class ShardReader:
         _, record, arrays = self._read(idx)
         return record, {k: a.copy() for k, a in arrays.items()}
 
-    def batch(self, epoch: int, n: int, ids: np.ndarray, dropped: np.ndarray) -> dict:
+    def batch(self, epoch: int, n: int, ids: np.ndarray, dropped: np.ndarray, dropped_rows: np.ndarray | None = None,
+              sample_ids: np.ndarray | None = None) -> dict:
         """The planned batch `n` of `epoch` as float32 tensors, text padded to text_len.
 
+        `dropped` (total,): whose caption is dropped, per sample; a weighted plan, which may
+        draw a sample twice, gives `dropped_rows` (B,) per row instead, and its draws'
+        `sample_ids` (B,) (default: epoch * total + sample).
         Samples whose latents are not finite or reach max_abs_latent are left out (the batch
         is that much shorter) and listed in out["skipped"]; ValueError if none is left.
         """
         B, T, suffix = len(ids), self.text_len, self.index.text_suffix
         shared = get_worker_info() is not None
         empty_text = torch.from_numpy(self.index.empty_text)
+        if dropped_rows is None:
+            dropped_rows = dropped[ids]
+        if sample_ids is None:
+            sample_ids = ids.astype(np.int64) + epoch * self.index.total
         out, captions, kept, skipped = {}, [], [], []
-        for i in ids.tolist():
+        for row, i in enumerate(ids.tolist()):
             key, record, arrays = self._read(i)  # views: copied into the batch before the next read
             if not out:
                 for name in ("latent", "repa") if self.index.meta.get("repa") else ("latent",):
@@ -319,8 +374,8 @@ class ShardReader:
                 continue
             if "repa" in out:
                 out["repa"][b].copy_(torch.from_numpy(arrays["repa"]))
-            feats = empty_text if dropped[i] else torch.from_numpy(arrays["text"])
-            captions.append("" if dropped[i] else record["caption"])
+            feats = empty_text if dropped_rows[row] else torch.from_numpy(arrays["text"])
+            captions.append("" if dropped_rows[row] else record["caption"])
             head = len(feats) - suffix  # prompt tokens at the front, the template suffix at the end
             if head < 0 or len(feats) > T:
                 raise ValueError(f"sample {i} ({record['source']}) has {len(feats)} text tokens; "
@@ -332,14 +387,14 @@ class ShardReader:
             mask.zero_()
             mask[:head] = True
             mask[T - suffix:] = True
-            kept.append(i)
+            kept.append(row)
         if not kept:
             named = "; ".join(f"{s['shard']} {s['key']}: {s['reason']}" for s in skipped)
             raise ValueError(f"{self.index.path}: every sample of batch {n} of epoch {epoch} has bad latents, "
                              f"and the trainer cannot take an empty batch: {named}")
         out = {name: t[:len(kept)] for name, t in out.items()}  # views of the same (shared) storage
         out.update(epoch=epoch, batch=n, captions=captions, skipped=skipped,
-                   sample_ids=torch.tensor(kept, dtype=torch.int64) + epoch * self.index.total)
+                   sample_ids=torch.from_numpy(np.ascontiguousarray(sample_ids[kept], dtype=np.int64)))
         out["latents"] = out.pop("latent")
         return out
 
@@ -361,11 +416,13 @@ class ShardLoader:
 
     def __init__(self, path: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  caption_dropout: float = 0.0, text_len: int = 512, num_workers: int = 2, prefetch: int = 2,
-                 pin_memory: bool = False, verify: str = "size", max_abs_latent: float = MAX_ABS_LATENT):
+                 pin_memory: bool = False, verify: str = "size", max_abs_latent: float = MAX_ABS_LATENT,
+                 weights: str | None = None, epoch_size: int | None = None):
         """verify: "size" (every shard present with its indexed size) or "checksum" (and its
         sha256 the writer's) before anything is read; see ShardIndex.verify. Samples whose
         latents are not finite or reach |x| >= max_abs_latent are left out of their batch
-        (see pop_skipped)."""
+        (see pop_skipped). weights: a per-sample weights file for this index (data/weights.py):
+        each epoch is then epoch_size draws (default: the index's total) with P ∝ weight."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -376,11 +433,18 @@ class ShardLoader:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if not max_abs_latent > 0:
             raise ValueError(f"max_abs_latent must be > 0, got {max_abs_latent}")
+        if epoch_size is not None and (weights is None or epoch_size < 1):
+            raise ValueError(f"epoch_size={epoch_size}: it is the draws per epoch of a weighted plan, so it needs "
+                             f"weights and must be >= 1")
         self.index = ShardIndex(path)
         self.index.verify(verify)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.caption_dropout, self.text_len, self.max_abs_latent = caption_dropout, text_len, max_abs_latent
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
+        # Read (and refused if it does not fit the index) before anything else is done.
+        self.weights_S = read_weights(weights, self.index) if weights is not None else None
+        self.epoch_size = (epoch_size or self.index.total) if weights is not None else None
+        self.weights_sha256 = weights_sha256(self.weights_S) if weights is not None else None
         longest = max(int(self.index.meta["max_text"]), len(self.index.empty_text))
         if text_len < longest:
             raise ValueError(f"text_len={text_len} but {path} holds prompts of up to {longest} valid tokens "
@@ -398,6 +462,9 @@ class ShardLoader:
 
     def plan(self, epoch: int) -> np.ndarray:
         """(num_batches, batch_size) global sample indices of this rank's batches in `epoch`."""
+        if self.weights_S is not None:
+            return plan_weighted_epoch(self.index.bucket, self.weights_S, self.seed, epoch, self.rank,
+                                       self.world_size, self.batch_size, self.epoch_size)[0]
         return plan_epoch(self.index.bucket, self.seed, epoch, self.rank, self.world_size, self.batch_size)
 
     def __iter__(self) -> "ShardLoader":
@@ -406,8 +473,8 @@ class ShardLoader:
     def __next__(self) -> Batch:
         if self._iter is None:
             spec = _Plan(self.batch_size, self.rank, self.world_size, self.seed, self.caption_dropout, self.text_len,
-                         self.max_abs_latent)
-            dataset = _PlannedBatches(self.index, spec, self.epoch, self.batches_yielded)
+                         self.max_abs_latent, self.epoch_size or 0)
+            dataset = _PlannedBatches(self.index, spec, self.epoch, self.batches_yielded, self.weights_S)
             workers = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.num_workers else {}
             self._iter = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                          pin_memory=self.pin_memory, **workers))
@@ -432,20 +499,28 @@ class ShardLoader:
         """Stop the workers (a later next() starts new ones at the same position)."""
         self._iter = None
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.seed}
+    def state_dict(self) -> dict:
+        """{epoch, batches_yielded, world_size, batch_size, seed}; a weighted loader adds the
+        weights' sha256 and epoch_size, which its plan depends on too."""
+        state = {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "world_size": self.world_size,
+                 "batch_size": self.batch_size, "seed": self.seed}
+        if self.weights_S is not None:
+            state.update(weights=self.weights_sha256, epoch_size=self.epoch_size)
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         missing = {"epoch", "batches_yielded", "world_size", "batch_size", "seed"} - set(state)
         if missing:
             raise ValueError(f"shard loader state lacks {sorted(missing)}; got keys {sorted(state)}")
         saved = {k: int(state[k]) for k in ("world_size", "batch_size", "seed")}
         asked = {"world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed}
+        if "weights" in state or self.weights_S is not None:
+            saved.update(weights=state.get("weights"), epoch_size=state.get("epoch_size"))
+            asked.update(weights=self.weights_sha256, epoch_size=self.epoch_size)
         if saved != asked:
             raise ValueError(
                 f"cannot resume the shard loader: the checkpoint was saved with {saved}, this run asks for {asked}. "
-                f"The epoch plan (which samples each rank sees, in which batches) depends on all three, so the "
+                f"The epoch plan (which samples each rank sees, in which batches) depends on each of them, so the "
                 f"position {state['batches_yielded']} in epoch {state['epoch']} means nothing under another; "
                 f"resume with the saved values")
         self.close()

@@ -37,7 +37,7 @@ def build_shard_data(cfg: DataConfig, batch_size: int, rank: int, world_size: in
     loader = ShardLoader(cfg.path, batch_size, rank, world_size, seed=cfg.seed, caption_dropout=cfg.caption_dropout,
                          text_len=cfg.text_len, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
                          pin_memory=torch.device(device).type == "cuda", verify=cfg.verify,
-                         max_abs_latent=cfg.max_abs_latent)
+                         max_abs_latent=cfg.max_abs_latent, weights=cfg.weights, epoch_size=cfg.epoch_size)
     encoder = None
     if cfg.encoder_path:
         if not os.path.isdir(cfg.encoder_path):
