@@ -18,7 +18,7 @@ The jobs, in order (each waits for the ones it needs):
                      entities prioritised and a gap report (data/balance.py)
     shards.*         the kept images written into OUTPUT/shards (krablet/pipeline.py's jobs)
 
-then OUTPUT/shards/weights.npy aligned to the shards' index (data/weights.py). Every stage
+then OUTPUT/shards/weights.npz aligned to the shards' index (data/weights.py). Every stage
 records its decision on each input it saw in the lineage table (krablet/lineage.py):
 
     python -m krablet lineage img000123 --run-dir runs/demo/curation/krablet
@@ -153,7 +153,7 @@ def _labelled_images(folder: str, size: int) -> np.ndarray:
 def filters_job(payload: dict, ctx) -> dict:
     """Train the probe and the SAE; writes OUT/filters/{probe,sae}.*."""
     from data.embeddings import read_embeddings
-    from data.probe import train_probe
+    from data.probe import ProbeConfig, train_probe
     from data.sae import name_latents, train_sae
 
     out, labelled = payload["out"], payload["labelled"]
@@ -161,9 +161,9 @@ def filters_job(payload: dict, ctx) -> dict:
     size = payload["resolution"]
     real = embedder(_labelled_images(os.path.join(labelled, "real"), size))
     fake = embedder(_labelled_images(os.path.join(labelled, "generated"), size))
-    probe = train_probe(np.concatenate([real, fake]), np.r_[np.zeros(len(real)), np.ones(len(fake))],
-                        target_recall=payload["target_recall"], meta=embedder.meta())
-    probe.save(os.path.join(out, "filters", "probe"))
+    probe = train_probe(np.concatenate([real, fake]), np.r_[np.zeros(len(real)), np.ones(len(fake))].astype(int),
+                        embedder.meta(), ProbeConfig(target_recall=payload["target_recall"]))
+    probe.save(os.path.join(out, "filters", "probe.safetensors"))
     ctx.check()
     _, pool, _ = read_embeddings(os.path.join(out, "embeddings"), expect_dim=embedder.dim)
     groups = {}
@@ -175,7 +175,7 @@ def filters_job(payload: dict, ctx) -> dict:
     tagger = name_latents(sae, clean, {g.split("-", 1)[1]: e for g, e in groups.items()},
                           defects=[g.split("-", 1)[1] for g in groups if g.startswith("defect-")])
     tagger.save(os.path.join(out, "filters", "tagger"))
-    return {"probe_threshold": float(probe.threshold), "sae_nmse": float(sae.nmse),
+    return {"probe_threshold": float(probe.threshold), "probe_heldout": probe.report["heldout"], "sae_nmse": float(sae.nmse),
             "named": {k: list(map(int, v)) for k, v in tagger.latents.items()}}
 
 
@@ -184,17 +184,17 @@ def filter_job(payload: dict, ctx) -> dict:
     """Apply the probe, the defect tagger and the safety checker to one chunk's images;
     writes OUT/kept/<chunk>.json (the keys that pass)."""
     from data.embeddings import read_chunk, chunk_path
-    from data.probe import Probe
+    from data.probe import SyntheticImageProbe
     from data.sae import DefectTagger
     from trainer.safety import build_checker
 
     out, name = payload["out"], payload["chunk"]
-    probe = Probe.load(os.path.join(out, "filters", "probe"))
+    probe = SyntheticImageProbe.load(os.path.join(out, "filters", "probe.safetensors"))
     tagger = DefectTagger.load(os.path.join(out, "filters", "tagger"))
-    keys, emb, _ = read_chunk(chunk_path(os.path.join(out, "embeddings"), name), expect_dim=probe.dim)
+    keys, emb, meta = read_chunk(chunk_path(os.path.join(out, "embeddings"), name), expect_dim=probe.embedding["dim"])
     info = _read_json(os.path.join(out, "items", f"{name}.json"), "the chunk's item list")
     decisions, kept = [], []
-    generated, p_fake = probe.decide(emb)
+    generated, p_fake = probe.decide(emb, meta)
     defect, reasons, scores = tagger.decide(emb)
     checker = build_checker(payload.get("blocklists", []), payload.get("safety"))
     for i, key in enumerate(keys):
@@ -350,7 +350,7 @@ def write_weights_for_shards(out: str, shard_dir: str) -> str:
 
     by_source = _read_json(os.path.join(out, "weights_by_source.json"), "the balanced weights")
     index = ShardIndex(shard_dir)
-    path = os.path.join(shard_dir, "weights.npy")
+    path = os.path.join(shard_dir, "weights.npz")
     write_weights(path, weights_for_sources(index, by_source), index)
     return path
 
