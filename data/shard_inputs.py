@@ -5,7 +5,13 @@ Inputs (`list_chunks(spec, chunk_size)`):
     a sidecar `<name>.txt`, or `<name>.json` {"caption": ...}, or a `captions.jsonl` in
     the same folder with lines {"file": "<name>.jpg", "caption": ...}; `.tar` files in
     the folder are read as below;
-  - a `.tar` (uncompressed): webdataset-style groups `<key>.jpg|png|webp` + `<key>.txt|json`;
+  - webdataset tars (uncompressed), groups `<key>.jpg|png|webp` + `<key>.txt|json`, opened
+    with webdataset's gopen: a local `.tar` path, or a URL it opens as a stream, such as
+    `pipe:cat /data/x.tar` or `pipe:aws s3 cp s3://bucket/x.tar -` (a command whose
+    stdout is the tar), `https://...`; braces and `::` lists expand as in webdataset
+    (`pipe:aws s3 cp s3://bucket/part-{000..099}.tar -`). An input's key is
+    `<tar name>/<key>`, the tar name being the file name the path or URL ends in
+    (`x.tar` for both examples above), so a tar read locally or by URL gives the same keys;
   - `shapes:N[:SIZE[:SEED]]`: samples 0..N-1 of the demo shapes world's pretraining
     stream (data/shapes.py: ShapesWorld);
   - `shapes-pink:N[:SIZE[:SEED]]`: the fine-tuning stream of the colour pretraining never
@@ -14,8 +20,11 @@ Inputs (`list_chunks(spec, chunk_size)`):
     the training stream with half its samples replayed from the pretraining distribution
     (fine-tuning that does not forget). SIZE defaults to 32, SEED to 0.
 
-Listing only reads names and tar headers; `load_item` reads and decodes one input and
-raises `Reject(reason)` for anything unusable (the writer records the reason and moves on).
+Listing only reads names and tar headers (a local tar is read by seeking from header to
+header; a stream has to be read through once); `load_item` reads and decodes one input
+and raises `Reject(reason)` for anything unusable (the writer records the reason and
+moves on). A streamed tar cannot seek, so the writer calls `fetch_chunk` first: each
+tar a chunk draws from is streamed once and the chunk's members held in memory.
 """
 
 from __future__ import annotations
@@ -25,9 +34,13 @@ import json
 import logging
 import os
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from urllib.parse import urlparse
 
+import webdataset as wds
 from PIL import Image, ImageOps
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tar_file_iterator
 
 from data.shapes import ConceptWorld, ShapesWorld
 
@@ -42,9 +55,11 @@ CAPTION_EXTS = ("txt", "json")
 class Item:
     """One input, described by where to read it (JSON-able, so a chunk can travel in a job row).
 
-    image:   ["file", path] | ["tar", path, offset, size] | ["shapes", image_size, seed, index]
-             | ["shapes", image_size, seed, index, stream] (stream: a SHAPES_STREAMS name but "shapes")
-    caption: ["text", str] | ["file", path] | ["tar", path, offset, size, ext] | None (missing)
+    image:   ["file", path] | ["tar", path, offset, size] | ["url", url, member] | ["shapes", image_size, seed,
+             index] | ["shapes", image_size, seed, index, stream] (stream: a SHAPES_STREAMS name but "shapes")
+    caption: ["text", str] | ["file", path] | ["tar", path, offset, size, ext] | ["url", url, member, ext]
+             | None (missing)
+    ("url": a member of a streamed tar; fetch_chunk replaces it with ["bytes", data], in memory only.)
     """
 
     key: str  # stable name of the input, reported in rejects and stored as `source`
@@ -79,17 +94,21 @@ def _split_ext(name: str) -> tuple[str, str]:
     return os.path.join(folder, stem), ext.rsplit(".", 1)[-1].lower()
 
 
+def _slot(name: str) -> tuple[str, str | None, str]:
+    """(key, "image" | "caption" | None, ext) of a tar member's name."""
+    key, ext = _split_ext(name)
+    return key, "image" if ext in IMAGE_EXTS else "caption" if ext in CAPTION_EXTS else None, ext
+
+
 def _list_tar(path: str, key_prefix: str) -> list[Item]:
+    """A local tar, read by seeking from header to header: its members are referenced by byte offset."""
     groups: dict[str, dict] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with wds.gopen(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             try:
                 for m in tar:
-                    if not m.isfile():
-                        continue
-                    key, ext = _split_ext(m.name)
-                    slot = "image" if ext in IMAGE_EXTS else "caption" if ext in CAPTION_EXTS else None
-                    if slot:
+                    key, slot, ext = _slot(m.name)
+                    if m.isfile() and slot:
                         ref = ("tar", path, m.offset_data, m.size) + ((ext,) if slot == "caption" else ())
                         groups.setdefault(key, {}).setdefault(slot, ref)
             except tarfile.ReadError as e:
@@ -100,6 +119,59 @@ def _list_tar(path: str, key_prefix: str) -> list[Item]:
         raise ValueError(f"{path}: not a readable uncompressed tar ({e}); compressed tars are not supported, "
                          f"since samples are read by byte offset") from e
     return [Item(f"{key_prefix}/{key}", g["image"], g.get("caption")) for key, g in groups.items() if "image" in g]
+
+
+def _list_stream(url: str, key_prefix: str) -> list[Item]:
+    """A tar streamed from `url` through webdataset's gopen (a pipe: command, https://, ...),
+    read through once: its members are referenced by name."""
+    groups: dict[str, dict] = {}
+    try:
+        with wds.gopen(url, "rb") as stream:
+            try:
+                with tarfile.open(fileobj=stream, mode="r|*") as tar:  # a stream may be compressed
+                    for m in tar:
+                        key, slot, ext = _slot(m.name)
+                        if m.isfile() and slot:
+                            ref = ("url", url, m.name) + ((ext,) if slot == "caption" else ())
+                            groups.setdefault(key, {}).setdefault(slot, ref)
+            except tarfile.ReadError as e:
+                if not groups:
+                    raise
+                log.warning("%s is truncated after %d groups (%s); later members are lost", url, len(groups), e)
+    except (OSError, ValueError, tarfile.TarError) as e:
+        raise ValueError(f"input {url!r}: cannot be read as a tar stream ({type(e).__name__}: {e})") from e
+    return [Item(f"{key_prefix}/{key}", g["image"], g.get("caption")) for key, g in groups.items() if "image" in g]
+
+
+def _is_url(spec: str) -> bool:
+    """Something webdataset's gopen opens as a stream rather than a local path (a one-letter
+    scheme would be a Windows drive)."""
+    return spec.startswith("pipe:") or len(urlparse(spec).scheme) > 1
+
+
+def _tar_name(url: str) -> str:
+    """The file name a tar's path or URL ends in: the last word of a pipe: command that names
+    a .tar (`pipe:aws s3 cp s3://b/x.tar -` -> x.tar), else the URL's last path part."""
+    words = [w for w in url.split() if ".tar" in w] or [url]
+    return os.path.basename(urlparse(words[-1]).path.rstrip("/")) or url
+
+
+def _list_tars(spec: str) -> list[Item] | None:
+    """The items of the tars (paths or URLs) `spec` names, braces and `::` lists expanded;
+    None when it names none."""
+    urls = expand_urls(spec)
+    if not all(_is_url(u) or (os.path.isfile(u) and u.endswith(".tar")) for u in urls):
+        return None
+    items, names = [], {}
+    for url in urls:
+        name = _tar_name(url)
+        if name in names:
+            raise ValueError(f"input {spec!r}: {names[name]!r} and {url!r} are both named {name!r}; input keys "
+                             f"(<tar name>/<key>) would collide")
+        names[name] = url
+        local = url[len("file://"):] if url.startswith("file://") else url
+        items += _list_stream(url, name) if _is_url(local) else _list_tar(local, name)
+    return items
 
 
 def _read_captions_jsonl(path: str) -> dict[str, tuple[str, dict]]:
@@ -155,7 +227,8 @@ SHAPES_STREAMS = {
     "shapes-pink-val": lambda size, seed: ConceptWorld(size, seed, split="val"),
     "shapes-pink-mix": lambda size, seed: ConceptWorld(size, seed, split="train", replay=0.5),
 }
-_SPEC_HELP = "a folder, a .tar file, or " + " | ".join(f"{s}:N[:SIZE[:SEED]]" for s in SHAPES_STREAMS)
+_SPEC_HELP = ("a folder, a .tar file, a tar URL (pipe:CMD, https://...), or "
+              + " | ".join(f"{s}:N[:SIZE[:SEED]]" for s in SHAPES_STREAMS))
 
 
 def _list_shapes(stream: str, spec: str) -> list[Item]:
@@ -176,15 +249,16 @@ def _list_shapes(stream: str, spec: str) -> list[Item]:
 
 
 def list_inputs(spec: str) -> list[Item]:
-    """Every input of `spec` (a folder, a .tar, or one of SHAPES_STREAMS) in a fixed order."""
+    """Every input of `spec` (a folder, tars by path or URL, or one of SHAPES_STREAMS) in a fixed order."""
     stream = spec.split(":", 1)[0]
     if stream in SHAPES_STREAMS and ":" in spec:
         return _list_shapes(stream, spec)
     if os.path.isdir(spec):
         return _list_folder(spec)
-    if os.path.isfile(spec) and spec.endswith(".tar"):
-        return _list_tar(spec, os.path.basename(spec))
-    raise ValueError(f"input {spec!r} is not {_SPEC_HELP}")
+    items = _list_tars(spec)
+    if items is None:
+        raise ValueError(f"input {spec!r} is not {_SPEC_HELP}")
+    return items
 
 
 def list_chunks(spec: str, chunk_size: int) -> list[Chunk]:
@@ -200,8 +274,63 @@ class Reject(Exception):
     """An input the writer skips; the message is the reason recorded in rejects/<chunk>.jsonl."""
 
 
+def _stream_members(url: str, names: set[str]) -> dict[str, bytes]:
+    """{name: data} of the members `names` of the tar streamed from `url`, read through once
+    (and stopped after the last one). A member missing from the result was not in the
+    stream, or was cut off by its end. OSError if the stream itself fails (the job is
+    then retried, not its inputs rejected)."""
+    found: dict[str, bytes] = {}
+    stream = wds.gopen(url, "rb")
+    try:
+        for member in tar_file_iterator(stream, skip_meta=None, select_files=names.__contains__):
+            found[member["fname"]] = member["data"]
+            if len(found) == len(names):
+                break
+    except tarfile.ReadError as e:
+        log.warning("%s ends inside a member (%s): %d of %d members read", url, e, len(found), len(names))
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            # Stopped early, the command dies writing to a closed pipe: a failure only if
+            # something is still missing.
+            if len(found) < len(names):
+                raise
+    return found
+
+
+def fetch_chunk(chunk: Chunk) -> Chunk:
+    """`chunk` with the members of streamed tars (["url", ...] references) read into memory:
+    each URL streamed once. Other references are left as they are."""
+    wanted: dict[str, set[str]] = {}
+    for item in chunk.items:
+        for ref in (item.image, item.caption):
+            if ref and ref[0] == "url":
+                wanted.setdefault(ref[1], set()).add(ref[2])
+    if not wanted:
+        return chunk
+    found = {url: _stream_members(url, names) for url, names in wanted.items()}
+
+    def held(ref):
+        if not ref or ref[0] != "url":
+            return ref
+        data = found[ref[1]].get(ref[2])
+        return ("bytes", data, *ref[3:]) if data is not None else ("lost", *ref[1:])
+
+    return Chunk(chunk.index, tuple(replace(it, image=held(it.image), caption=held(it.caption)) for it in chunk.items))
+
+
 def _read_ref(ref: tuple, what: str) -> bytes:
     kind = ref[0]
+    if kind in ("bytes", "url"):
+        data = ref[1] if kind == "bytes" else _stream_members(ref[1], {ref[2]}).get(ref[2])
+        if data is None:
+            raise Reject(f"truncated tar stream: {what} member {ref[2]!r} is not in {ref[1]!r}")
+        if not data:
+            raise Reject(f"zero-byte {what} member")
+        return data
+    if kind == "lost":
+        raise Reject(f"truncated tar stream: {what} member {ref[2]!r} is not in {ref[1]!r}")
     try:
         if kind == "file":
             with open(ref[1], "rb") as f:
@@ -231,7 +360,8 @@ def _caption(item: Item) -> tuple[str, dict]:
     if ref[0] == "text":
         text = ref[1]
     else:
-        ext = ref[4] if ref[0] == "tar" else ref[1].rsplit(".", 1)[-1].lower()
+        ext = {"tar": 4, "url": 3, "bytes": 2, "lost": 3}.get(ref[0])
+        ext = ref[ext] if ext is not None else ref[1].rsplit(".", 1)[-1].lower()
         try:
             raw = _read_ref(ref, "caption").decode("utf-8")
         except UnicodeDecodeError as e:

@@ -3,7 +3,7 @@
 Work is split into chunks, a fixed number of inputs each in a deterministic order,
 so each chunk can be one job of the job system:
 
-    chunks = list_chunks("photos/", chunk_size=1000)      # cheap: lists files and tar headers
+    chunks = list_chunks("photos/", chunk_size=1000)      # cheap: lists files and tar headers (or URLs)
     write_chunk(chunks[3], "shards/", latents, encoder)   # one job; idempotent
     build_index("shards/")                                # once all chunks are done
 
@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,9 +33,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from data.buckets import Buckets, bucket_key
-from data.shard_inputs import Chunk, Reject, list_chunks, load_item
+from data.shard_inputs import Chunk, Reject, fetch_chunk, list_chunks, load_item
 
 FORMAT = "k2train-shards/1"
 
@@ -64,12 +64,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: a rewrite is byte-identical
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -141,8 +135,8 @@ def _done_marker(out_dir: str, chunk_name: str) -> dict | None:
 
 
 class _HashingFile:
-    """A file opened for writing that hashes every byte on its way through (tarfile needs
-    only write and tell), so the shard's checksum costs no second read."""
+    """A file opened for writing that hashes every byte on its way through (a streaming
+    tar needs only write), so the shard's checksum costs no second read."""
 
     def __init__(self, f):
         self.f, self.sha256 = f, hashlib.sha256()
@@ -151,28 +145,27 @@ class _HashingFile:
         self.sha256.update(data)
         return self.f.write(data)
 
-    def tell(self) -> int:
-        return self.f.tell()
-
 
 def write_tar(path: str, samples: Iterable[tuple[str, dict, dict[str, np.ndarray], int]]) -> dict:
     """Write (key, record, {field: array}, bucket id) samples to the tar `path`, atomically.
 
-    Returns the shard's index entry: name, bytes, sha256 (hex digest of the whole file, for
-    the loader's verify="checksum"), samples, max_text (most valid text tokens of a sample),
-    members [[offset, size, bucket]].
+    The tar is webdataset's (TarWriter): a sample is `<key>.json` and `<key>.<field>.npy`
+    members, in name order, so the json comes first. Returns the shard's index entry: name,
+    bytes, sha256 (hex digest of the whole file, for the loader's verify="checksum"),
+    samples, max_text (most valid text tokens of a sample), members [[offset, size, bucket]].
     Bucket counts are keyed by bucket id here; write_done turns them into "HxW" names.
     """
     members, max_text = [], 0
     with open(path + ".tmp", "wb") as raw:
         f = _HashingFile(raw)
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        # mtime 0 and no owner names: a rewrite of the chunk is byte-identical. The tar is
+        # uncompressed, so its stream offset is the byte offset the loader seeks to.
+        with wds.TarWriter(f, encoder=False, user="", group="", mode=0o644, mtime=0) as tar:
             for key, record, arrays, bucket in samples:
-                offset = tar.offset
-                _add(tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
-                for name, array in arrays.items():
-                    _add(tar, f"{key}.{name}.npy", _npy(array))
-                members.append([offset, tar.offset - offset, bucket])
+                offset = tar.tarstream.offset
+                tar.write({"__key__": key, "json": json.dumps(record, sort_keys=True).encode(),
+                           **{f"{name}.npy": _npy(array) for name, array in arrays.items()}})
+                members.append([offset, tar.tarstream.offset - offset, bucket])
                 max_text = max(max_text, len(arrays["text"]))
         raw.flush()
         os.fsync(raw.fileno())
@@ -268,6 +261,7 @@ def write_chunk(chunk: Chunk, out_dir: str, latents, encoder, cfg: WriterConfig 
         feats_1TKD, mask_1T = encoder.encode([""])
         write_empty_text(out_dir, valid_text(feats_1TKD[0], mask_1T[0], text_suffix(encoder), "the empty prompt"))
     t0 = time.perf_counter()
+    chunk = fetch_chunk(chunk)  # members of streamed tars, read once (both passes below read each input)
     rejects, repa_meta = [], {}
     # One shard per chunk (the chunk size sets the shard size); the list form leaves room for more.
     shard = write_tar(os.path.join(out_dir, f"{chunk.name}-0000.tar"),
@@ -347,7 +341,8 @@ def default_text_layers(encoder_path: str) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Encode captioned images into k2train shards (docs/SHARDS.md).")
     parser.add_argument("--input", required=True,
-                        help="folder, .tar, or shapes:N[:SIZE[:SEED]] (also shapes-pink:..., shapes-pink-val:...)")
+                        help="folder, .tar path(s) or URL(s) (pipe:CMD, https://...; braces expand), or "
+                             "shapes:N[:SIZE[:SEED]] (also shapes-pink:..., shapes-pink-val:...)")
     parser.add_argument("--output", required=True, help="shard directory (created; a rerun resumes)")
     parser.add_argument("--chunk-size", type=int, default=1000, help="inputs per chunk (= per shard)")
     parser.add_argument("--resolution", type=int, default=256, help="bucket area is resolution² pixels")

@@ -294,3 +294,49 @@ def test_a_resume_with_other_weights_or_none_is_refused(shards, weights_file, tm
         _loader(shards, weights=weights_file).load_state_dict(_loader(shards).state_dict())
     with pytest.raises(ValueError, match="epoch_size=20: .* needs weights"):
         _loader(shards, epoch_size=20)
+
+
+# ---- stage=midtrain through the trainer ----------------------------------------------------
+def test_stage_midtrain_draws_by_the_weights_and_a_bad_file_touches_no_checkpoint(tmp_path, encoder):
+    from hydra import compose, initialize_config_dir
+
+    from data.latents import PixelLatents
+    from data.writer import WriterConfig, write_shards
+    from tests.conftest import ROOT
+    from trainer.checkpoint import list_checkpoints
+    from trainer.loop import train
+    from trainer.train import to_config
+
+    shard_dir = str(tmp_path / "shards")
+    write_shards("shapes:24:32", shard_dir, PixelLatents(), encoder, WriterConfig(resolution=32, bucket_multiple=16),
+                 chunk_size=12, progress=None)
+    weights = np.zeros(24)
+    weights[::3] = 1.0  # samples 0, 3, ..., 21 only
+    path = str(tmp_path / "weights.npz")
+    write_weights(path, weights, shard_dir)
+    overrides = ["experiment=test_tiny", "stage=midtrain", f"data.path={shard_dir}", f"data.weights={path}",
+                 "data.epoch_size=16", "data.text_len=24", "data.image_size=32", "data.num_workers=0",
+                 f"run_root={tmp_path / 'runs'}", "name=mid", "deterministic=false", "stage.steps=3",
+                 "checkpoint.every=3"]
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+        cfg = to_config(compose("train", overrides=overrides))
+    cfg.validate(world_size=1)
+    assert (cfg.stage.name, cfg.stage.kind, cfg.data.name, cfg.data.weights) == ("midtrain", "flow", "shards", path)
+    run = train(cfg)
+    loader = run.data.loader
+    # 3 steps of 2 micro-batches of 4: 6 batches of the weighted plan, past epoch 0's 4.
+    assert loader.state_dict() == {"epoch": 1, "batches_yielded": 2, "world_size": 1, "batch_size": 4, "seed": 0,
+                                   "weights": hashlib.sha256(weights.tobytes()).hexdigest(), "epoch_size": 16}
+    drawn = np.concatenate([loader.plan(0).ravel(), loader.plan(1)[:2].ravel()])
+    assert set(drawn.tolist()) <= set(range(0, 24, 3))
+    checkpoints = os.path.join(cfg.run_dir, "checkpoints")
+    assert list_checkpoints(checkpoints) == [3]
+    with open(os.path.join(checkpoints, "step_00000003", "train_state.json")) as f:
+        assert json.load(f)["loader"] == loader.state_dict()
+    # The weights file damaged: the resumed run stops at the loader, before any checkpoint is read or written.
+    before = _snapshot(checkpoints)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=f"^{path}: not a readable weights file"):
+        train(cfg)
+    assert _snapshot(checkpoints) == before

@@ -1,5 +1,7 @@
-"""Shard writer: lossless round trip, rejects with reasons, crash-safe restart, index counts."""
+"""Shard writer: lossless round trip, rejects with reasons, crash-safe restart, index counts,
+webdataset tars read by path or URL and shards written with its TarWriter."""
 
+import hashlib
 import io
 import json
 import os
@@ -277,3 +279,104 @@ def test_buckets_cover_aspect_ratios_at_about_the_target_area():
     assert b[b.assign(1080, 1920)] == (768, 1344) and b[b.assign(3000, 1000)] == (1408, 704)
     image = b.resize_crop(_image(1080, 1920, 0), b.assign(1080, 1920))
     assert image.size == (1344, 768)
+
+
+# ---- webdataset: tars by URL in, TarWriter out ------------------------------------------------
+def _pinned_samples(repa: bool):
+    for pos in range(5):
+        rng = np.random.default_rng([11, pos])
+        arrays = {"latent": rng.standard_normal((3, 4, 4 + 4 * (pos % 2))).astype(np.float16),
+                  "text": rng.standard_normal((2 + pos, 2, 8)).astype(np.float16)}
+        if repa:
+            arrays["repa"] = rng.standard_normal((4, 6)).astype(np.float16)
+        record = {"caption": f"caption {pos}", "source": f"in/{pos}", "bucket": [4, 4]}
+        yield f"c000007-{pos:06d}", record, arrays, pos % 2
+
+
+# The bytes of a shard: without repa features, those tarfile wrote before shards were written
+# with webdataset's TarWriter (the same format, byte for byte); with them, TarWriter's
+# member order (json, latent, repa, text: by name).
+TAR_SHA = {False: "8fe707567a1dcfa476691f679a7d8fd6ba4741fdfad750a2e93687da8248636b",
+           True: "9ceaa20b4630360758e89c3a64e7216dbb2a7e3f00e567db4d0178fc248f7f55"}
+
+
+@pytest.mark.parametrize("repa", [False, True])
+def test_shards_written_with_tarwriter_keep_the_format_offsets_and_checksum(tmp_path, repa):
+    from data.writer import write_tar
+
+    path = tmp_path / "chunk-000007-0000.tar"
+    entry = write_tar(str(path), _pinned_samples(repa))
+    data = path.read_bytes()
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest() == TAR_SHA[repa] and entry["bytes"] == len(data)
+    # Each sample's offset and size, by Python's own tar reader: the header of its first
+    # member, up to the header of the next sample's first member.
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    fields = ["json", "latent.npy", "repa.npy", "text.npy"] if repa else ["json", "latent.npy", "text.npy"]
+    assert [m.name for m in members] == [f"c000007-{p:06d}.{f}" for p in range(5) for f in fields]
+    starts = [m.offset for m in members[::len(fields)]]
+    ends = starts[1:] + [members[-1].offset_data + -(-members[-1].size // 512) * 512]
+    assert entry["members"] == [[s, e - s, p % 2] for p, (s, e) in enumerate(zip(starts, ends))]
+    # And through the loader's reader, which seeks to those offsets.
+    out = tmp_path / "set"
+    out.mkdir()
+    path.rename(out / path.name)
+    meta = {"format": "k2train-shards/1", "latents": {"kind": "pixels", "channels": 3, "downsample": 1},
+            "text": {"layers": [1, 2], "dim": 8, "max_len": 8, "suffix": 0, "model": "x"},
+            "buckets": [[4, 4], [4, 8]], "repa": {"model": "x", "dim": 6, "grid": "per sample"} if repa else None}
+    from data.writer import write_done, write_empty_text
+
+    write_empty_text(str(out), np.zeros((1, 2, 8), np.float32))
+    write_done(str(out), "chunk-000007", [entry], [], meta, 5)
+    build_index(str(out))
+    reader = ShardReader(ShardIndex(str(out)), text_len=8)
+    for i, (key, record, arrays, _) in enumerate(_pinned_samples(repa)):
+        got_record, got = reader.sample(i)
+        assert got_record == record and sorted(got) == sorted(arrays)
+        assert all(np.array_equal(got[k], arrays[k]) for k in arrays)
+    ShardLoader(str(out), batch_size=1, text_len=8, num_workers=0, verify="checksum")  # sha256 verified
+
+
+def _web_tar(path, start: int, n: int) -> None:
+    """A webdataset tar of n captioned PNGs: keys s<start>..., captions as .txt or .json."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(start, start + n):
+            caption = CAPTIONS[i % len(CAPTIONS)]
+            side = (f"s{i}.json", json.dumps({"caption": caption, "id": i}).encode()) if i % 2 else \
+                (f"s{i}.txt", caption.encode())
+            for name, data in ((f"s{i}.png", _png_bytes(_image(*SIZES[i % len(SIZES)], 40 + i))), side):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_pipe_url_input_gives_the_samples_of_the_local_path(tmp_path, encoder):
+    from data.shard_inputs import list_inputs
+
+    _web_tar(tmp_path / "web-0.tar", 0, 4)
+    _web_tar(tmp_path / "web-1.tar", 4, 3)
+    local, piped = str(tmp_path / "web-0.tar"), f"pipe:cat {tmp_path / 'web-0.tar'}"
+    assert [it.key for it in list_inputs(piped)] == [it.key for it in list_inputs(local)] == \
+        [f"web-0.tar/s{i}" for i in range(4)]
+    assert list_inputs(local)[0].image[0] == "tar" and list_inputs(piped)[0].image == ("url", piped, "s0.png")
+    for spec, name in ((local, "local"), (piped, "piped")):
+        write_shards(spec, str(tmp_path / name), PixelLatents(), encoder, CFG, chunk_size=3, progress=None)
+    a, b = _all_samples(tmp_path / "local"), _all_samples(tmp_path / "piped")
+    assert len(a) == 4 and [r for r, _ in a] == [r for r, _ in b]
+    assert next(r for r, _ in a if r["source"] == "web-0.tar/s1")["id"] == 1  # the .json caption's fields kept
+    for (_, x), (_, y) in zip(a, b):
+        assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x)
+    # Braces expand to several tars, each streamed once, in order.
+    keys = [it.key for it in list_inputs(f"pipe:cat {tmp_path}/web-{{0..1}}.tar")]
+    assert keys == [f"web-0.tar/s{i}" for i in range(4)] + [f"web-1.tar/s{i}" for i in range(4, 7)]
+    # A command that fails is named; a stream cut inside a member rejects what it lost.
+    with pytest.raises(ValueError, match="input 'pipe:cat /no/such.tar': cannot be read as a tar stream"):
+        list_inputs("pipe:cat /no/such.tar")
+    with tarfile.open(tmp_path / "web-1.tar") as tar:
+        cut = tar.getmember("s5.png").offset_data + 100
+    cut_spec = f"pipe:head -c {cut} {tmp_path / 'web-1.tar'}"
+    write_shards(cut_spec, str(tmp_path / "cut"), PixelLatents(), encoder, CFG, chunk_size=10, progress=None)
+    rejects = [json.loads(line) for line in (tmp_path / "cut" / "rejects" / "chunk-000000.jsonl").open()]
+    assert [(r["source"], r["reason"]) for r in rejects] == \
+        [("web-1.tar/s5", f"truncated tar stream: image member 's5.png' is not in {cut_spec!r}")]
+    assert [r["source"] for r, _ in _all_samples(tmp_path / "cut")] == ["web-1.tar/s4"]
