@@ -23,21 +23,23 @@ def build_data(cfg: DataConfig, cache_dir: str, batch_size: int, rank: int, worl
         loader = SyntheticLoader(cfg, latents, text_dim, batch_size, rank, world_size, device)
         return ShapesData(loader, None, latents, None)
     if cfg.name == "shards":
-        return build_shard_data(cfg, batch_size, rank, world_size, device)
+        return build_shard_data(cfg, batch_size, rank, world_size, device, weighted=True)
     raise ValueError(f"data.name={cfg.name!r} is not one of ['shapes', 'shards', 'synthetic']")
 
 
 def build_shard_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                     device: torch.device) -> ShapesData:
+                     device: torch.device, weighted: bool = False) -> ShapesData:
     """Shards written by data/writer.py. `latents` is what the index says the shards hold
     (channels, downsample); the encoder (for sample grids only) is loaded when
-    cfg.encoder_path is set, tapping the layers the shards were written with."""
+    cfg.encoder_path is set, tapping the layers the shards were written with. `weighted`
+    (training): the loader draws by cfg.weights; sampling and evaluation read the index only."""
     if not cfg.path:
         raise ValueError("data.name=shards needs data.path: a shard directory with index.json (data/writer.py)")
     loader = ShardLoader(cfg.path, batch_size, rank, world_size, seed=cfg.seed, caption_dropout=cfg.caption_dropout,
                          text_len=cfg.text_len, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
                          pin_memory=torch.device(device).type == "cuda", verify=cfg.verify,
-                         max_abs_latent=cfg.max_abs_latent, weights=cfg.weights, epoch_size=cfg.epoch_size)
+                         max_abs_latent=cfg.max_abs_latent, weights=cfg.weights if weighted else None,
+                         epoch_size=cfg.epoch_size if weighted else None)
     encoder = None
     if cfg.encoder_path:
         if not os.path.isdir(cfg.encoder_path):

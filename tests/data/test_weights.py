@@ -233,6 +233,25 @@ def test_the_loaders_counts_follow_the_weights(shards, weights_file):
     assert len(draws) == len(set(draws.tolist()))
 
 
+# The weighted plan pinned, as the unweighted one is: a run's stream must not move under it
+# between versions (its checkpoints resume by position).
+WEIGHTED_PLAN_SHA = "d93a89c28aedb468c33e76baadc57a428e3352f8183a6738911e23d313e2b40a"
+
+
+def test_the_weighted_plan_is_pinned():
+    bucket_S = np.random.default_rng(7).integers(0, 3, 1000).astype(np.int32)
+    weights = np.random.default_rng(8).pareto(1.0, 1000)
+    weights[::7] = 0.0
+    h = hashlib.sha256()
+    for seed, epoch, world_size, batch_size, epoch_size in [(0, 0, 1, 4, 1000), (3, 2, 2, 4, 700), (5, 1, 3, 7, 3000)]:
+        for rank in range(world_size):
+            samples, draws = plan_weighted_epoch(bucket_S, weights, seed, epoch, rank, world_size, batch_size,
+                                                 epoch_size)
+            h.update(np.ascontiguousarray(samples, dtype="<i8").tobytes())
+            h.update(np.ascontiguousarray(draws, dtype="<i8").tobytes())
+    assert h.hexdigest() == WEIGHTED_PLAN_SHA
+
+
 # ---- the weighted stream -------------------------------------------------------------------
 def _assert_same(a, b):
     assert a.captions == b.captions
