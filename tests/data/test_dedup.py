@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from data.dedup import deduplicate, exact_duplicates, file_hash, image_hash, near_duplicates, pixel_hash
+from data.dedup import (deduplicate, exact_duplicates, file_hash, image_hash, near_duplicates, pixel_hash,
+                        similar_pairs)
 
 N, D, THRESHOLD = 2000, 64, 0.95
 
@@ -139,3 +140,21 @@ def test_bad_inputs_are_named():
         near_duplicates(["k1", "k2", "k3"], np.array([[1, 0], [0, 0], [0, 1]], np.float32))
     with pytest.raises(ValueError, match=r"\(3, D\)"):
         near_duplicates(["k1", "k2", "k3"], emb[:2])
+
+
+def test_ivf_join_is_exact_when_every_list_is_probed():
+    """nprobe = nlist compares every pair, as flat search does; fewer probes find a subset.
+    Threshold 0.5 on clustered points: thousands of pairs, many across lists."""
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((10, 32))
+    x = (centres[rng.integers(10, size=1500)] + 0.7 * rng.standard_normal((1500, 32))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    fi, fj, fs = similar_pairs(x, 0.5, index="flat")
+    ii, ij, isim = similar_pairs(x, 0.5, index="ivf", nlist=8, nprobe=8)
+    assert len(fi) > 5000
+    flat = dict(zip(zip(fi.tolist(), fj.tolist()), fs.tolist()))
+    ivf = dict(zip(zip(ii.tolist(), ij.tolist()), isim.tolist()))
+    assert ivf.keys() == flat.keys() and (ii < ij).all()
+    np.testing.assert_allclose([ivf[k] for k in flat], list(flat.values()), atol=1e-5)
+    some = set(zip(*[a.tolist() for a in similar_pairs(x, 0.5, index="ivf", nlist=8, nprobe=2)[:2]]))
+    assert some < flat.keys() and len(some) > 0.5 * len(flat)
