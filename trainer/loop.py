@@ -44,6 +44,39 @@ class NonFiniteError(RuntimeError):
     optimizer state or EMA hold a NaN or inf."""
 
 
+class SkippedSteps:
+    """Optimizer steps in a row whose update was skipped (non-finite gradient norm).
+
+    A stage reports each step's skip as a bool, or as a 0-dim device tensor when the
+    optimizer decided it on the GPU (trainer/stage.py's `update`): then the run is counted
+    on the device and read only at log and checkpoint steps, so a step costs no host
+    sync. `longest` is the longest run since the previous read."""
+
+    def __init__(self):
+        self.run = 0  # int, or a device tensor once a flag arrived
+        self.longest = 0
+        self.on_device = False
+
+    def add(self, skipped) -> None:
+        if torch.is_tensor(skipped):
+            self.on_device = True
+            self.run = (self.run + 1) * skipped.to(torch.int64)
+            self.longest = torch.maximum(torch.as_tensor(self.longest, device=skipped.device), self.run)
+        else:
+            self.run = (self.run + 1) * bool(skipped)
+            self.longest = max(self.longest, self.run)
+
+    def known(self) -> int:
+        """The current run where it needs no sync (host flags), else 0."""
+        return 0 if self.on_device else self.run
+
+    def read(self) -> tuple[int, int]:
+        """(current run, longest run since the last read); a host sync for device flags."""
+        run, longest = int(self.run), int(self.longest)
+        self.longest = self.run
+        return run, longest
+
+
 def check_finite(run: Run) -> None:
     """Stops the run before a non-finite state is checkpointed or trained on further."""
     bad = run.stage.nonfinite()
@@ -195,7 +228,8 @@ def train(cfg: TrainConfig) -> Run:
         log.info("run %s already finished at step %d", cfg.run_dir, st.step)
     status = (lambda state: write_status(cfg.run_dir, state, st.step)) if run.d.is_main else (lambda state: None)
     status("running")
-    nonfinite = 0  # optimizer steps in a row whose update was skipped
+    skips = SkippedSteps()
+    read_at = st.step  # the step of the last read of device skip flags
     early = None  # the stage's reason to stop before the last step
     skipped = []  # samples this rank's loader left out since the last metrics row
     pop_skipped = getattr(run.data.loader, "pop_skipped", list)
@@ -205,13 +239,27 @@ def train(cfg: TrainConfig) -> Run:
             st.step += 1
             st.samples_seen += cfg.stage.global_batch_size
             run.metrics.count(cfg.stage.global_batch_size, values.pop("data_s"))
-            nonfinite = nonfinite + 1 if values.pop("skipped") else 0
+            skips.add(values.pop("skipped"))
+            nonfinite = skips.known()
             values.update(run.stage.validate(st.step))
             skipped += pop_skipped()
             stop = preemption.check(run.d)
             early = run.stage.early_stop(values)
             save = st.step % cfg.checkpoint.every == 0 or st.step == steps or stop or early
-            if st.step % cfg.log.every == 0 or st.step == steps or "val_loss" in values or nonfinite:
+            log_now = st.step % cfg.log.every == 0 or st.step == steps or "val_loss" in values or nonfinite
+            limit = cfg.stage.max_nonfinite_steps
+            if skips.on_device and (log_now or save):
+                nonfinite, longest = skips.read()
+                if longest:
+                    log.warning("steps %d-%d: up to %d steps in a row had a non-finite gradient norm and were skipped",
+                                read_at + 1, st.step, longest)
+                if limit and longest >= limit > nonfinite:  # a run that ended between two reads
+                    raise NonFiniteError(
+                        f"step {st.step}: {longest} steps in a row within steps {read_at + 1}-{st.step} had a "
+                        f"non-finite gradient norm and were skipped (stage.max_nonfinite_steps={limit}); try a lower "
+                        f"optimizer.lr, more optimizer.warmup_steps or optimizer.grad_clip; the last checkpoint is intact")
+                read_at = st.step
+            if log_now:
                 # loss and stage terms are per rank; grad norms are already global
                 values = {k: run.d.all_reduce_mean(v) if torch.is_tensor(v) and not k.startswith("grad_norm") else v
                           for k, v in values.items()}
@@ -223,7 +271,6 @@ def train(cfg: TrainConfig) -> Run:
                 run.metrics.log(st.step, {k: float(v) for k, v in values.items()})
             if st.step % cfg.log.every == 0 or save:
                 check_finite(run)
-            limit = cfg.stage.max_nonfinite_steps
             if limit and nonfinite >= limit:
                 raise NonFiniteError(
                     f"step {st.step}: {nonfinite} steps in a row (steps {st.step - nonfinite + 1}-{st.step}) had a "

@@ -36,7 +36,30 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    # On CUDA the fused kernel: one pass that reads and writes each tensor once (foreach
+    # makes a pass per elementwise op, about three times the memory traffic), and it can
+    # skip a step on the device from a found-inf flag (see `step_unless`), so a step needs
+    # no host sync. Elsewhere foreach, whose CPU arithmetic resumed runs were pinned with.
+    fused = bool(decay or no_decay) and all(p.is_cuda for p in decay + no_decay)
+    kind = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `step_unless` can skip a step without the host reading the flag."""
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step() that leaves weights, moments and the step count untouched where
+    the 0-dim bool `skip` is True, decided on the device (a fused optimizer reads it as
+    the found-inf flag of mixed-precision loss scaling)."""
+    assert skips_on_device(optimizer), "step_unless needs a fused optimizer"
+    optimizer.found_inf = skip.to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        optimizer.found_inf = None
 
 
 def validate_schedule(cfg: OptimizerConfig) -> None:
@@ -94,8 +117,17 @@ class EMA:
         self.shadow = [p.detach().clone().float() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+    def update(self, applied: torch.Tensor | None = None) -> None:
+        """shadow += (1 - decay) · (param - shadow). `applied`: a 0-dim device bool; where it
+        is False the average stays as it is (a skipped step), with no host sync."""
+        if applied is None:
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+            return
+        weight = applied.to(torch.float32) * (1.0 - self.decay)
+        # Elementwise, so each rank's local shards are averaged alone (a plain 0-dim weight
+        # does not mix with DTensors inside one kernel).
+        for s, p in zip(self.shadow, self.params):
+            _local(s).lerp_(_local(p.detach()).float(), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
@@ -115,3 +147,7 @@ class EMA:
             tmp = p.detach().clone()
             p.copy_(s.to(p.dtype))
             s.copy_(tmp.float())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

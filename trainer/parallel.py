@@ -112,12 +112,29 @@ def shardable_blocks(model: nn.Module) -> list[nn.ModuleList]:
     return [model.text_fusion.layerwise, model.text_fusion.refiner, model.blocks]
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, d: Dist) -> nn.Module:
-    """Applies, in this order: activation checkpointing, per-block compile, FSDP2.
+def float8_linears(module: nn.Module) -> nn.Module:
+    """Swaps the module's linears for torchao's float8 training linears (tensorwise
+    scaling: e4m3 forward, e5m2 gradients, scales from each tensor's amax every call).
+    Linears whose sides are not multiples of 16 (the float8 GEMM's alignment) stay bf16."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def eligible(m: nn.Module, fqn: str) -> bool:
+        return isinstance(m, nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0
+
+    return convert_to_float8_training(module, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                                      module_filter_fn=eligible)
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, d: Dist, float8: bool = False) -> nn.Module:
+    """Applies, in this order: float8 linears (main blocks, when asked), activation
+    checkpointing, per-block compile, FSDP2.
 
     The order matters: AC wraps the block so compile traces the recomputation
     boundary too, and fully_shard must see the final module objects.
     """
+    if float8:
+        for block in model.blocks:
+            float8_linears(block)
     for blocks in shardable_blocks(model):
         for i, block in enumerate(blocks):
             # A block with nothing to train (frozen text fusion under LoRA, a frozen model)

@@ -4,6 +4,7 @@ r"""Sampling: `generate` (sample grids of the training loop and evaluate) and th
     python -m trainer.sample /models/krea-2-raw --encoder /models/qwen3-vl-4b --vae /models/qwen-image-vae \
         --prompts-file prompts.txt --lora pink.safetensors:0.8 --seed 7 --out out/
     python -m trainer.sample runs/demo_tdm --turbo --prompt "a red circle above a blue square" --out out/
+    python -m trainer.sample /models/krea-2-turbo --turbo --fast --float8 ...   # CUDA: compiled bf16 / float8
 
 SOURCE is a k2train run, its checkpoints/ folder or one step folder (text encoder,
 latent decoder and defaults come from the run's config.yaml; --encoder / --vae
@@ -16,6 +17,12 @@ Sampler: --steps / --guidance default to a run's log.sample_steps / log.sample_g
 count. --turbo samples a few-step student: a TDM run (stage.kind=tdm) at its own
 stage.tdm.segments steps and pinned stage.tdm.mu, anything else at Krea 2 Turbo's 8 steps
 and mu 1.15; guidance 0 either way. An explicit --steps / --guidance / --mu still wins.
+
+Speed: padding past the longest prompt of a batch is dropped before the model runs (exact:
+padded keys are never attended to), so a batch of one attends without a mask. On CUDA,
+--fast casts the weights to bf16, compiles every block (FlexAttention where a batch is
+still padded);
+--float8 also quantises the block linears to float8 (benchmarks/sample_speed.py).
 
 Every prompt is checked before anything loads, every image before it is written
 (trainer/safety.py). A refused prompt writes nothing at all; a refused image is left
@@ -99,22 +106,68 @@ def generate(
     model.eval()
     p = model_cfg.patch_size
     H, W = latent_hw
-    text, mask = encode(prompts)
-    null_text, null_mask = encode([""] * len(prompts))
-    text, mask, null_text, null_mask = (x.to(device) for x in (text, mask, null_text, null_mask))
+    # The model's own dtype for its inputs (a bf16 model for fast sampling); the Euler
+    # integration stays fp32.
+    dtype = next(model.parameters()).dtype
+    text, mask = trim_padding(*(x.to(device) for x in encode(prompts)))
+    null_text, null_mask = trim_padding(*(x.to(device) for x in encode([""] * len(prompts))))
+    text, null_text = text.to(dtype), null_text.to(dtype)
     noise = torch.stack(
         [torch.randn(model_cfg.latent_channels, H, W, generator=torch.Generator().manual_seed(s)) for s in seeds]
     ).to(device)
-    pos = positions(text.shape[1], H // p, W // p).to(device)
+    pos, null_pos = (positions(t.shape[1], H // p, W // p).to(device) for t in (text, null_text))
 
     def velocity(x_BLC, t_B, conditional):
         if conditional:
-            return model(x_BLC, text, t_B, pos, mask).float()
-        return model(x_BLC, null_text, t_B, pos, null_mask).float()
+            return model(x_BLC.to(dtype), text, t_B, pos, mask).float()
+        return model(x_BLC.to(dtype), null_text, t_B, null_pos, null_mask).float()
 
     x = euler_sample(velocity, patchify(noise, p), (H // p) * (W // p), steps, guidance, mu)
     model.train(was_training)
     return decode(unpatchify(x, p, H, W)).clamp(-1, 1)
+
+
+def trim_padding(text_BTKD: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drops the text columns past the last valid token of every prompt; the mask becomes
+    None when each kept token is valid (attention then runs unmasked: flash or cuDNN).
+
+    Exact: padded keys are never attended to, text RoPE positions are all zero, and only
+    the image tokens are read out, so the velocity does not depend on the dropped columns.
+    """
+    valid_T = mask_BT.bool().any(0)
+    keep = int(valid_T.nonzero().max()) + 1 if bool(valid_T.any()) else 1
+    text_BTKD, mask_BT = text_BTKD[:, :keep], mask_BT[:, :keep]
+    return text_BTKD, None if bool(mask_BT.all()) else mask_BT
+
+
+def fast_sampling(model: nn.Module, *, compile: bool = True, float8: bool = False,
+                  attention: str | None = "flex") -> nn.Module:
+    """Prepares `model` (K2DiT, on CUDA) for sampling speed, in place: bf16 weights,
+    optionally float8 block linears (torchao: weights quantised once per output row,
+    activations per token at every call), the attention kernel for padded batches (flex;
+    an unpadded one runs flash attention either way), and each block compiled.
+
+    float8 changes the numbers (benchmarks/sample_speed.py measures by how much against
+    bf16); the rest computes the same function as the plain model.
+    """
+    model.to(torch.bfloat16).eval().requires_grad_(False)
+    if float8:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        def eligible(m: nn.Module, fqn: str) -> bool:
+            return isinstance(m, nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0
+
+        for block in model.blocks:
+            quantize_(block, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=eligible)
+    if attention is not None:
+        model.attention = attention
+    if compile:
+        from trainer.parallel import shardable_blocks
+
+        for blocks in shardable_blocks(model):
+            for i, block in enumerate(blocks):
+                blocks[i] = torch.compile(block, fullgraph=True)
+    return model
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -294,6 +347,10 @@ def sample(a: argparse.Namespace) -> int:
     device = torch.device(a.device)
     loras = [parse_lora(s, a.lora_scale) for s in a.lora]
     pipe = load_pipeline(a, loras, device)
+    if a.fast or a.float8:
+        if device.type != "cuda":
+            raise ValueError("--fast and --float8 need --device cuda (bf16 weights, compiled blocks, flash attention)")
+        fast_sampling(pipe.model, float8=a.float8)
     given = {k: v for k, v in (("steps", a.steps), ("guidance", a.guidance), ("mu", a.mu)) if v is not None}
     sampler = replace(pipe.turbo if a.turbo else pipe.sampler, **given)
     steps, guidance = sampler.steps, sampler.guidance
@@ -347,6 +404,7 @@ def sample(a: argparse.Namespace) -> int:
         "settings": {"steps": steps, "guidance": guidance, "mu": mu, "mu_pinned": sampler.mu is not None,
                      "turbo": a.turbo, "size": size, "latent_hw": [side, side],
                      "seed": a.seed, "num_per_prompt": a.num_per_prompt, "batch_size": a.batch_size,
+                     "fast": a.fast or a.float8, "float8": a.float8,
                      "device": str(device), "text": pipe.text},  # fmt: skip
         "safety": repr(checker),
         "refused": num_refused,
@@ -376,6 +434,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--turbo", action="store_true",
                    help=f"few-step student: a TDM run's stage.tdm.segments steps and stage.tdm.mu, else "
                         f"{TURBO_STEPS} steps and mu {TURBO_MU}; guidance 0 (--steps/--guidance/--mu override)")
+    p.add_argument("--fast", action="store_true",
+                   help="CUDA: bf16 weights, each block compiled (the first batch pays the compile), flash attention")
+    p.add_argument("--float8", action="store_true",
+                   help="--fast with float8 block linears (torchao; close to bf16, not equal: docs/BENCHMARKS.md)")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4, help="images per generate call")

@@ -38,7 +38,7 @@ from trainer.config import TrainConfig
 from trainer.lora import alpha_of, apply_lora, validate_lora
 from trainer.model import K2DiT, ModelConfig, clean_name
 from trainer.objectives import OBJECTIVES, FlowObjective, build_objective
-from trainer.optim import EMA, build_optimizer, lr_at, set_lr, validate_schedule
+from trainer.optim import EMA, build_optimizer, lr_at, set_lr, skips_on_device, step_unless, validate_schedule
 from trainer.parallel import DTYPES, Dist, parallelize, set_gradient_sync
 from trainer.repa import validate_repa
 from trainer.titan import clip_grad_norm
@@ -156,6 +156,10 @@ def build_dit(cfg: TrainConfig, d: Dist, *, model_cfg: ModelConfig | None = None
     if not trainable:
         model.requires_grad_(False)
     model.to(d.device)
+    if cfg.parallel.compile and d.device.type == "cuda":
+        # FlexAttention under the text mask: traced into each compiled block, faster than the
+        # dense masked kernel there (trainer/model/attention.py); uncompiled models keep it dense.
+        model.attention = "flex"
     model = parallelize(model, cfg.parallel if trainable else replace(cfg.parallel, activation_checkpoint="none"), d)
     info = {
         "config": asdict(model_cfg),
@@ -201,10 +205,21 @@ def accumulate(cfg: TrainConfig, d: Dist, loader, loss_fn, models: list[nn.Modul
     return loss_sum / accum, terms_mean, data_s
 
 
-def update(t: Trainable, grad_clip: float, step: int, name: str = "model") -> tuple[torch.Tensor, bool]:
+def update(t: Trainable, grad_clip: float, step: int, name: str = "model") -> tuple[torch.Tensor, bool | torch.Tensor]:
     """Clips, steps and updates the EMA, unless the gradient norm is not finite (then the
-    update is skipped and the caller counts it). Returns (grad norm, applied)."""
+    update is skipped and the caller counts it). Returns (grad norm, applied).
+
+    With a fused optimizer (CUDA) the skip is decided on the device and `applied` is a
+    0-dim bool tensor: the step never waits for the GPU, and the loop reads the flag at
+    its log cadence. Elsewhere `applied` is a bool and a skip is logged at once."""
     grad_norm = clip_grad_norm([p for p in t.module.parameters() if p.requires_grad], grad_clip)
+    if skips_on_device(t.optimizer):
+        applied = torch.isfinite(grad_norm)
+        step_unless(t.optimizer, ~applied)
+        if t.ema is not None:
+            t.ema.update(applied)
+        t.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, applied
     finite = math.isfinite(grad_norm.item())
     if finite:
         t.optimizer.step()
@@ -214,6 +229,12 @@ def update(t: Trainable, grad_clip: float, step: int, name: str = "model") -> tu
         log.warning("step %d: non-finite gradient norm of %s, update skipped", step, name)
     t.optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
+
+
+def skipped(applied: bool | torch.Tensor) -> bool | torch.Tensor:
+    """The `skipped` value of a stage's step metrics from `update`'s `applied` (a device
+    flag stays on the device)."""
+    return ~applied if torch.is_tensor(applied) else not applied
 
 
 # ---------------------------------------------------------------- the stage interface
@@ -338,7 +359,7 @@ class FlowStage(Stage):
         loss, terms, data_s = accumulate(cfg, self.d, self.data.loader,
                                          lambda batch: self.objective.loss(self.model, batch), [self.model])
         grad_norm, applied = update(main, cfg.optimizer.grad_clip, step)
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "data_s": data_s, "skipped": not applied, **terms}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "data_s": data_s, "skipped": skipped(applied), **terms}
 
     def validate(self, step: int) -> dict[str, float]:
         if self.val is None or step % self.cfg.stage.validation.every:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.model.attention import key_padding, resolve_backend, valid_first, varlen_segments
 from trainer.model.config import ModelConfig
 from trainer.model.layers import Attention, RMSNorm, SwiGLU, rope_tables, timestep_embedding
 
@@ -80,7 +81,7 @@ class TextBlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
 
     def forward(self, x_BSD: torch.Tensor, mask_B11S: torch.Tensor | None = None) -> torch.Tensor:
-        x_BSD = x_BSD + self.attn(self.norm1(x_BSD), mask_B11S=mask_B11S)
+        x_BSD = x_BSD + self.attn(self.norm1(x_BSD), mask=mask_B11S)
         return x_BSD + self.mlp(self.norm2(x_BSD))
 
 
@@ -150,12 +151,13 @@ class DiTBlock(nn.Module):
         tmod_B6D: torch.Tensor,
         cos_SP: torch.Tensor,
         sin_SP: torch.Tensor,
-        mask_B11S: torch.Tensor | None = None,
+        mask=None,
     ) -> torch.Tensor:
+        """`mask`: the key mask in the form `K2DiT.attention` chose (trainer/model/attention.py)."""
         m_B61D = (tmod_B6D + self.mod).unsqueeze(2)
         pre_scale, pre_shift, pre_gate, post_scale, post_shift, post_gate = m_B61D.unbind(1)
         h = (1.0 + pre_scale) * self.norm1(x_BSD) + pre_shift
-        x_BSD = x_BSD + pre_gate * self.attn(h, cos_SP, sin_SP, mask_B11S)
+        x_BSD = x_BSD + pre_gate * self.attn(h, cos_SP, sin_SP, mask)
         h = (1.0 + post_scale) * self.norm2(x_BSD) + post_shift
         return x_BSD + post_gate * self.mlp(h)
 
@@ -196,6 +198,10 @@ class K2DiT(nn.Module):
         # model so FSDP, the optimizer, EMA and checkpoints pick them up, and interop
         # drops `aux.*` on export.
         self.aux = nn.ModuleDict()
+        # How the main blocks attend under the text key mask (trainer/model/attention.py):
+        # "auto" (= "sdpa", dense), "flex", "cudnn" or "varlen".
+        # A runtime choice, not part of the architecture: every backend computes the same function.
+        self.attention = "auto"
 
     def forward(
         self,
@@ -233,7 +239,7 @@ class K2DiT(nn.Module):
         temb_BD = self.time_mlp(t_B, x_BLC.dtype)
         tmod_B6D = self.time_proj(F.gelu(temb_BD, approximate="tanh")).unflatten(-1, (6, -1))
 
-        text_mask_B11T = mask_B11S = None
+        text_mask_B11T = mask_BS = None
         if text_mask_BT is not None:
             text_mask_BT = text_mask_BT.bool()
             # Padded positions are never attended to, but 0·NaN = NaN inside
@@ -247,18 +253,28 @@ class K2DiT(nn.Module):
             refiner_mask_BT = text_mask_BT | ~text_mask_BT.any(dim=1, keepdim=True)
             text_mask_B11T = refiner_mask_BT[:, None, None, :]
             mask_BS = torch.cat((text_mask_BT, text_mask_BT.new_ones(B, L)), dim=1)
-            mask_B11S = mask_BS[:, None, None, :]
+        backend = resolve_backend(self.attention, x_BLC.device)
 
         text_BTD = self.text_in(self.text_fusion(text_BTKD, text_mask_B11T))
-        x_BSD = torch.cat((text_BTD, self.img_in(x_BLC)), dim=1)
+        if backend == "varlen" and text_mask_BT is not None:
+            # Rows laid out [image | valid text | padding], so each row's valid tokens are
+            # one contiguous segment (trainer/model/attention.py). The same function:
+            # attention does not see token order beyond RoPE, whose text positions are all 0.
+            text_BTD, valid_BT = valid_first(text_BTD, text_mask_BT)
+            x_BSD = torch.cat((self.img_in(x_BLC), text_BTD), dim=1)
+            pos_S3 = torch.cat((pos_S3[T:], pos_S3[:T]))
+            mask, image = varlen_segments(valid_BT, L), slice(0, L)
+        else:
+            x_BSD = torch.cat((text_BTD, self.img_in(x_BLC)), dim=1)
+            mask, image = key_padding(mask_BS, "sdpa" if backend == "varlen" else backend), slice(T, None)
 
         cos_SP, sin_SP = rope_tables(pos_S3, self.cfg.rope_axes, self.cfg.rope_theta)
         hidden_BLD = None
         for i, block in enumerate(self.blocks):
-            x_BSD = block(x_BSD, tmod_B6D, cos_SP, sin_SP, mask_B11S)
+            x_BSD = block(x_BSD, tmod_B6D, cos_SP, sin_SP, mask)
             if i == return_hidden_block:
-                hidden_BLD = x_BSD[:, T:]
-        v_BLC = self.final(x_BSD[:, T:], temb_BD)
+                hidden_BLD = x_BSD[:, image]
+        v_BLC = self.final(x_BSD[:, image], temb_BD)
         return v_BLC if return_hidden_block is None else (v_BLC, hidden_BLD)
 
     # ------------------------------------------------------------ init and size

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.model.attention import attend
+
 
 class RMSNorm(nn.Module):
     """RMSNorm whose stored weight `w` is zero-centred: the multiplier is `1 + w`.
@@ -109,8 +111,10 @@ class Attention(nn.Module):
         x_BSD: torch.Tensor,
         cos_SP: torch.Tensor | None = None,
         sin_SP: torch.Tensor | None = None,
-        mask_B11S: torch.Tensor | None = None,
+        mask=None,
     ) -> torch.Tensor:
+        """`mask`: None, a bool (B, 1, 1, S) key mask, or another form of it from
+        trainer/model/attention.py (FlexAttention, cuDNN)."""
         B, S, _ = x_BSD.shape
         H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
         q_BHSK = self.q_norm(self.q(x_BSD).view(B, S, H, K)).transpose(1, 2)
@@ -120,18 +124,7 @@ class Attention(nn.Module):
             q_BHSK = apply_rope(q_BHSK, cos_SP, sin_SP)
             k_BGSK = apply_rope(k_BGSK, cos_SP, sin_SP)
 
-        if mask_B11S is None:
-            # No mask: flash attention handles GQA natively, no K/V copies.
-            o_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, enable_gqa=G != H)
-        else:
-            # With a mask, flash is out and the memory-efficient kernel does not
-            # take `enable_gqa` (math would run instead and materialise the
-            # B·H·S² score matrix). Repeating K/V heads costs one copy of K and
-            # V and keeps the efficient kernel. Query head h reads kv head h // (H/G).
-            if G != H:
-                k_BGSK = k_BGSK[:, :, None].expand(B, G, H // G, S, K).reshape(B, H, S, K)
-                v_BGSK = v_BGSK[:, :, None].expand(B, G, H // G, S, K).reshape(B, H, S, K)
-            o_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, attn_mask=mask_B11S)
+        o_BHSK = attend(q_BHSK, k_BGSK, v_BGSK, mask)
 
         o_BSD = o_BHSK.transpose(1, 2).reshape(B, S, H * K)
         return self.out(o_BSD * torch.sigmoid(self.gate(x_BSD)))

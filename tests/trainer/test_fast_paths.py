@@ -1,0 +1,272 @@
+"""The fast paths compute what the plain ones do: FlexAttention's key-padding block mask
+against a float64 softmax, the model under each attention backend, padding trimmed
+before sampling, the device-flag EMA and fused AdamW skip, the loop's skip counter."""
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from trainer.config import OptimizerConfig
+from trainer.loop import SkippedSteps
+from trainer.model import K2DiT, ModelConfig, positions
+from trainer.model.attention import attend, flex_key_padding, key_padding, valid_first, varlen_segments
+from trainer.optim import EMA, build_optimizer, skips_on_device, step_unless
+from trainer.sample import trim_padding
+from trainer.stage import Trainable, update
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+def tiny_cfg() -> ModelConfig:
+    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(CONFIGS / "tiny.yaml")))
+
+
+def reference_attention(q, k, v, valid_BS):
+    """Softmax over the valid keys in float64, each query head reading kv head h // (H/G)."""
+    H, G = q.shape[1], k.shape[1]
+    k, v = (t.double().repeat_interleave(H // G, dim=1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~valid_BS[:, None, None, :], float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def planted_valid(B: int, S: int) -> torch.Tensor:
+    """Rows with full, partial and empty 128-blocks of keys: row 0 loses 100..300 (block 0
+    partial, block 1 empty, block 2 partial), row 1 only its last 20 keys."""
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, 100:300] = False
+    valid[1, S - 20:] = False
+    return valid
+
+
+def test_flex_block_mask_lists_full_partial_and_empty_blocks():
+    valid = planted_valid(2, 330)  # 3 blocks, the last one 74 keys long
+    bm = flex_key_padding(valid)
+    # Row 0: block 0 partial (0..99 valid), block 1 all padding, block 2 partial (300..329 valid only).
+    # Row 1: blocks 0, 1 full; block 2 partial (its first 54 keys valid).
+    assert bm.full_kv_num_blocks[:, 0, 0].tolist() == [0, 2]
+    assert bm.kv_num_blocks[:, 0, 0].tolist() == [2, 1]
+    assert sorted(bm.kv_indices[0, 0, 0, :2].tolist()) == [0, 2]
+    assert bm.kv_indices[1, 0, 0, 0].item() == 2
+    dense = bm.to_dense()[:, 0, 0]  # (B, n) 1 where a key block is visited
+    assert dense.tolist() == [[1, 0, 1], [1, 1, 1]]
+
+
+def test_flex_attention_matches_float64_softmax_over_valid_keys():
+    gen = torch.Generator().manual_seed(0)
+    B, H, G, S, K = 2, 4, 2, 330, 32
+    q, k, v = (torch.randn(B, n, S, K, generator=gen) for n in (H, G, G))
+    valid = planted_valid(B, S)
+    ref = reference_attention(q, k, v, valid)
+    for backend in ("flex", "sdpa"):
+        out = attend(q, k, v, key_padding(valid, backend))
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, (backend, err)
+    # Padded keys and values do not reach the output, whatever they hold (finite: the model
+    # zeroes padded text features first, since 0·NaN would leak through any kernel).
+    pad = ~valid[:, None, :, None]
+    k_bad, v_bad = k.masked_fill(pad, 1e4), v.masked_fill(pad, -1e4)
+    out = attend(q, k, v, key_padding(valid, "flex"))
+    torch.testing.assert_close(attend(q, k_bad, v_bad, key_padding(valid, "flex")), out, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_segments_attend_like_the_key_mask_on_valid_rows():
+    gen = torch.Generator().manual_seed(4)
+    B, H, G, L, T, K = 3, 4, 2, 40, 12, 16
+    counts = [12, 5, 0]  # full text, padded, no text at all
+    valid_BT = torch.arange(T)[None, :] < torch.tensor(counts)[:, None]
+    seg = varlen_segments(valid_BT, L)
+    assert seg.cu_seqlens.tolist() == [0, 52, 52, 97, 104, 144, 156] and seg.max_len == L + T
+    q, k, v = (torch.randn(B, n, L + T, K, generator=gen) for n in (H, G, G))
+    valid_BS = torch.cat((torch.ones(B, L, dtype=torch.bool), valid_BT), dim=1)
+    ref = reference_attention(q, k, v, valid_BS)
+    out = attend(q, k, v, seg).double()
+    rows = valid_BS[:, None, :, None]
+    assert ((out - ref) * rows).norm() / (ref * rows).norm() < 1e-5
+    assert torch.isfinite(out).all()
+    # valid_first: valid tokens to the front, in order, whatever the mask's holes.
+    text = torch.arange(2 * 5).view(2, 5, 1).float()
+    mask = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 1]], dtype=torch.bool)
+    moved, moved_mask = valid_first(text, mask)
+    assert moved[..., 0].tolist() == [[1, 3, 4, 0, 2], [5, 9, 6, 7, 8]]
+    assert moved_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 2 + [False] * 3]
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            std = 0.2 if p.ndim == 1 or p.shape[-1] <= 16 else p.shape[-1] ** -0.5
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def model_inputs(cfg, B=2, T=9, h=4, w=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, h * w, cfg.in_channels, generator=gen)
+    text = torch.randn(B, T, cfg.num_text_layers, cfg.text_dim, generator=gen)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[1, 2:] = False
+    return x, text, torch.tensor([0.3, 0.7]), positions(T, h, w), mask
+
+
+@torch.no_grad()
+def test_model_under_flex_and_varlen_attention_matches_dense_masked_sdpa():
+    cfg = tiny_cfg()
+    model = randomize_(K2DiT(cfg)).eval()
+    x, text, t, pos, mask = model_inputs(cfg)
+    model.attention = "sdpa"
+    ref = model(x, text, t, pos, mask)
+    assert ref.abs().mean() > 0.1
+    for backend in ("flex", "varlen"):  # varlen: rows reordered [image | valid text | padding]
+        model.attention = backend
+        out = model(x, text, t, pos, mask)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5, backend
+    holes = mask.clone()
+    holes[0, 1] = False  # a hole inside a prompt: valid_first still puts it in the padding segment
+    model.attention = "sdpa"
+    ref = model(x, text, t, pos, holes)
+    model.attention = "varlen"
+    assert ((model(x, text, t, pos, holes) - ref).norm() / ref.norm()).item() < 1e-5
+    _, hidden = model(x, text, t, pos, holes, return_hidden_block=0)
+    model.attention = "sdpa"
+    torch.testing.assert_close(hidden, model(x, text, t, pos, holes, return_hidden_block=0)[1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_trimmed_padding_gives_the_padded_velocity():
+    cfg = tiny_cfg()
+    model = randomize_(K2DiT(cfg), seed=3).eval()
+    x, text, t, pos, mask = model_inputs(cfg)
+    ref = model(x, text, t, pos, mask)
+    short, short_mask = trim_padding(text, mask)
+    assert short.shape[1] == 5 and short_mask is not None  # the longest prompt has 5 tokens
+    out = model(x, short, t, positions(5, 4, 4), short_mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # One prompt, padded: nothing is left to mask.
+    one, one_mask = trim_padding(text[:1], mask[:1])
+    assert one.shape[1] == 5 and one_mask is None
+    torch.testing.assert_close(model(x[:1], one, t[:1], positions(5, 4, 4), None), ref[:1], rtol=1e-5, atol=1e-6)
+    # A hole inside the prompt keeps its column and the mask.
+    holes = mask.clone()
+    holes[0, 1] = False
+    _, holes_mask = trim_padding(text, holes)
+    assert holes_mask.tolist() == holes[:, :5].tolist()
+
+
+def _params(seed=0, n=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(4, 5, generator=gen)) for _ in range(n)]
+
+
+def test_ema_with_a_device_flag_equals_the_plain_update_or_stays():
+    model = torch.nn.ParameterList(_params())
+    plain, flagged = EMA(model, 0.9), EMA(model, 0.9)
+    with torch.no_grad():
+        for p in model:
+            p.add_(1.0)
+    before = [s.clone() for s in flagged.shadow]
+    flagged.update(torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(flagged.shadow, before))
+    plain.update()
+    flagged.update(torch.tensor(True))
+    for a, b, s0 in zip(flagged.shadow, plain.shadow, before):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, s0 + 0.1 * 1.0, rtol=1e-6, atol=1e-6)  # moved a tenth of the way
+
+
+def _fused_adamw(params):
+    cfg = OptimizerConfig(lr=1e-2, weight_decay=0.1)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+
+
+def test_fused_adamw_skip_on_device_leaves_everything_and_otherwise_matches_foreach():
+    fused_p, foreach_p = _params(1), _params(1)
+    fused = _fused_adamw(fused_p)
+    foreach = build_optimizer(torch.nn.ParameterList(foreach_p), OptimizerConfig(lr=1e-2, weight_decay=0.1))
+    assert skips_on_device(fused) and not skips_on_device(foreach)  # CPU parameters: the trainer keeps foreach
+    for step in range(3):
+        gen = torch.Generator().manual_seed(10 + step)
+        for a, b in zip(fused_p, foreach_p):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        step_unless(fused, torch.tensor(False))
+        foreach.step()
+    for a, b in zip(fused_p, foreach_p):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    kept = [p.detach().clone() for p in fused_p]
+    moments = [fused.state[p]["exp_avg"].clone() for p in fused_p]
+    for p in fused_p:
+        p.grad = torch.full_like(p, float("nan"))
+    step_unless(fused, torch.tensor(True))
+    assert all(torch.equal(p, k) for p, k in zip(fused_p, kept))
+    assert all(torch.equal(fused.state[p]["exp_avg"], m) for p, m in zip(fused_p, moments))
+    assert all(fused.state[p]["step"].item() == 3 for p in fused_p)
+
+
+def test_update_with_a_fused_optimizer_skips_a_nan_step_without_reading_it():
+    model = torch.nn.ParameterList(_params(2))
+    t = Trainable(model, _fused_adamw(list(model)), EMA(model, 0.5), {})
+    for p in model:
+        p.grad = torch.ones_like(p)
+    grad_norm, applied = update(t, 1.0, 0)
+    assert torch.is_tensor(applied) and bool(applied)
+    kept = [p.detach().clone() for p in model]
+    shadow = [s.clone() for s in t.ema.shadow]
+    model[0].grad = torch.full_like(model[0], float("inf"))
+    model[1].grad = torch.ones_like(model[1])
+    grad_norm, applied = update(t, 1.0, 1)
+    assert not bool(applied) and not torch.isfinite(grad_norm)
+    assert all(torch.equal(p, k) for p, k in zip(model, kept))
+    assert all(torch.equal(s, k) for s, k in zip(t.ema.shadow, shadow))
+
+
+@pytest.mark.parametrize("flags", [[0, 1, 1, 0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1]])
+def test_skipped_steps_on_device_count_what_host_flags_count(flags):
+    host, device = SkippedSteps(), SkippedSteps()
+    runs = []
+    for f in flags:
+        host.add(bool(f))
+        device.add(torch.tensor(bool(f)))
+        runs.append(host.known())
+    assert device.known() == 0 and device.on_device
+    run, longest = device.read()
+    assert run == runs[-1] and longest == max(runs)
+    device.add(torch.tensor(True))
+    assert device.read() == (run + 1, run + 1)  # the longest since the last read
+
+
+def test_fused_skip_and_ema_under_fsdp2_dtensor_parameters():
+    """FSDP2 parameters are DTensors: the 0-dim found-inf flag and the EMA weight are plain
+    tensors beside them (one-process gloo mesh)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        t = Trainable(model, _fused_adamw(list(model.parameters())), EMA(model, 0.5), {})
+        model(torch.randn(3, 8)).sum().backward()
+        _, applied = update(t, 1.0, 0)
+        assert bool(applied)
+        kept = [p.detach().to_local().clone() for p in model.parameters()]
+        shadow = [s.to_local().clone() for s in t.ema.shadow]
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("nan"))
+        _, applied = update(t, 1.0, 1)
+        assert not bool(applied)
+        assert all(torch.equal(p.detach().to_local(), k) for p, k in zip(model.parameters(), kept))
+        assert all(torch.equal(s.to_local(), k) for s, k in zip(t.ema.shadow, shadow))
+    finally:
+        dist.destroy_process_group()
