@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data.balance import balanced_subset, balanced_weights, gap_report
-from data.clusters import HierarchyConfig, _openblas_core, build_hierarchy, load_faiss
+from data.clusters import HierarchyConfig, build_hierarchy, load_faiss, openblas_core
 from data.dedup import deduplicate, exact_duplicates, pixel_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,8 @@ def main() -> None:
     result = {"what": "hierarchical k-means, balanced sampling, dedup on synthetic clustered embeddings",
               "n": args.n, "dim": args.dim, "concepts": args.concepts, "supers": args.supers,
               "cpu_count": os.cpu_count(), "machine": platform.machine(), "faiss": faiss.__version__,
-              "faiss_threads": faiss.omp_get_max_threads(), "openblas_core": os.environ.get("OPENBLAS_CORETYPE") or _openblas_core(),
+              "faiss_threads": faiss.omp_get_max_threads(),
+              "openblas_core": os.environ.get("OPENBLAS_CORETYPE") or openblas_core(),
               "hierarchical_kmeans": hkm, "balanced": bal, "dedup": dedup, "hash": hashing,
               "threshold": args.threshold, "total_seconds": round(time.perf_counter() - t_all, 1)}
 
