@@ -139,7 +139,8 @@ def build_stage(model_cfg, a, v: dict):
     device = torch.device(a.device)
     cfg = train_config(model_cfg, a, v)
     d = one_gpu_mesh(device) if v["fsdp"] == "1" else Dist(0, 1, 0, device, None)
-    data = build_data(cfg.data, "/tmp/k2_full_step_assets", cfg.stage.micro_batch_size, 0, 1, device, model_cfg.text_dim)
+    data = build_data(cfg.data, "/tmp/k2_full_step_assets", cfg.stage.micro_batch_size, 0, 1, device,
+                      model_cfg.text_dim)
     float8 = v["float8"] == "1"
     stage_mod.parallelize = lambda model, pcfg, dist: parallelize(model, pcfg, dist, float8=float8)
     try:

@@ -257,7 +257,8 @@ def train(cfg: TrainConfig) -> Run:
                     raise NonFiniteError(
                         f"step {st.step}: {longest} steps in a row within steps {read_at + 1}-{st.step} had a "
                         f"non-finite gradient norm and were skipped (stage.max_nonfinite_steps={limit}); try a lower "
-                        f"optimizer.lr, more optimizer.warmup_steps or optimizer.grad_clip; the last checkpoint is intact")
+                        f"optimizer.lr, more optimizer.warmup_steps or optimizer.grad_clip; the last checkpoint is "
+                        f"intact")
                 read_at = st.step
             if log_now:
                 # loss and stage terms are per rank; grad norms are already global

@@ -2,7 +2,9 @@
 against a float64 softmax, the model under each attention backend, padding trimmed
 before sampling, the device-flag EMA and fused AdamW skip, the loop's skip counter."""
 
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,9 @@ from trainer.model import K2DiT, ModelConfig, positions
 from trainer.model.attention import attend, flex_key_padding, key_padding, valid_first, varlen_segments
 from trainer.optim import EMA, build_optimizer, skips_on_device, step_unless
 from trainer.sample import trim_padding
-from trainer.stage import Trainable, update
+from tests.conftest import ROOT, train_cmd, train_env
+from trainer.checkpoint import list_checkpoints
+from trainer.stage import FlowStage, Trainable, update
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -270,3 +274,33 @@ def test_fused_skip_and_ema_under_fsdp2_dtensor_parameters():
         assert all(torch.equal(s.to_local(), k) for s, k in zip(t.ema.shadow, shadow))
     finally:
         dist.destroy_process_group()
+
+
+class DeviceSkipStage(FlowStage):
+    """The CUDA optimizer path on CPU: a fused AdamW, so `update` decides skips on the
+    device and the loop only reads them at log and checkpoint steps. Losses are NaN at
+    steps 4-6 (1-based), finite before and after."""
+
+    def __init__(self, cfg, d, data, resume_dir):
+        super().__init__(cfg, d, data, resume_dir)
+        t = self.trainables["model"]
+        t.optimizer = _fused_adamw([p for g in t.optimizer.param_groups for p in g["params"]])
+        real = self.objective.loss
+
+        def loss(model, batch):
+            value, terms = real(model, batch)
+            return (value * float("nan") if 3 <= self.objective.step <= 5 else value), terms
+
+        self.objective.loss = loss
+
+
+def test_a_run_of_device_skips_between_two_reads_fails_the_run(run_root):
+    proc = subprocess.run(train_cmd("experiment=test_tiny", f"run_root={run_root}", "name=devskip",
+                                    "stage.kind=tests.trainer.test_fast_paths:DeviceSkipStage",
+                                    "stage.max_nonfinite_steps=3", "log.every=8", "checkpoint.every=8"),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    # Read at step 8, two finite steps after the run ended: the longest run still counts.
+    assert "steps 1-8: up to 3 steps in a row had a non-finite gradient norm and were skipped" in proc.stderr
+    assert "step 8: 3 steps in a row within steps 1-8 had a non-finite gradient norm" in proc.stderr
+    assert list_checkpoints(os.path.join(run_root, "devskip", "checkpoints")) == []  # stopped before saving
