@@ -36,7 +36,6 @@ writes the shapes world's (data/shapes_curation.py).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -47,7 +46,11 @@ from krablet.kinds import kind, require
 from krablet.lineage import Decision, record
 
 # The stages' places in the pipeline: an input's lineage reads in this order.
-STAGES = ("validate", "synthetic", "defects", "safety", "exact_dup", "near_dup", "balance")
+STAGES = ("validate", "defects", "synthetic", "safety", "exact_dup", "near_dup", "balance")
+# Near duplicates are found on a copy-detection descriptor, not the semantic embedding: a
+# THUMB x THUMB box-filtered thumbnail, mean-removed per image (pHash-like). Two renders of
+# one concept embed alike yet are different images; a re-encoded copy matches pixel for pixel.
+THUMB = 16
 POSITION = {s: i for i, s in enumerate(STAGES)}
 
 
@@ -106,6 +109,17 @@ def _load_images(items, cfg) -> tuple[list, np.ndarray, list[str], list[tuple[st
         captions, rejects
 
 
+def thumbnails(images_NHWC: np.ndarray) -> np.ndarray:
+    """float32 (N, 3 THUMB²): each image's box-filtered thumbnail, its mean removed (THUMB above)."""
+    from PIL import Image
+
+    out = np.stack([np.asarray(Image.fromarray(im).resize((THUMB, THUMB), Image.BOX), np.float32).ravel()
+                    for im in images_NHWC]) if len(images_NHWC) else np.zeros((0, 3 * THUMB * THUMB), np.float32)
+    out -= out.mean(1, keepdims=True)
+    out[np.abs(out).max(1) == 0, 0] = 1.0  # a flat image still has a direction (it matches other flat ones)
+    return out
+
+
 def _validate_embed(p: dict) -> None:
     from data.shard_inputs import Chunk
 
@@ -117,6 +131,7 @@ def _validate_embed(p: dict) -> None:
 def embed_job(payload: dict, ctx) -> dict:
     """Decode a chunk, hash each image's pixels (exact duplicates) and embed it; writes
     OUT/embeddings/<chunk> and OUT/items/<chunk>.json ({key: {sha256, caption}})."""
+    from data.dedup import pixel_hash
     from data.embeddings import write_embeddings
     from data.shard_inputs import Chunk
     from data.writer import WriterConfig
@@ -129,7 +144,9 @@ def embed_job(payload: dict, ctx) -> dict:
     emb = embedder(images) if len(images) else np.zeros((0, embedder.dim), np.float32)
     keys = [it.key for it in items]
     write_embeddings(os.path.join(payload["out"], "embeddings"), chunk.name, keys, emb, embedder.meta())
-    info = {k: {"sha256": hashlib.sha256(im.tobytes()).hexdigest(), "caption": c}
+    write_embeddings(os.path.join(payload["out"], "thumbs"), chunk.name, keys, thumbnails(images),
+                     {"model": f"thumbnail-{THUMB}", "version": "1", "dim": 3 * THUMB * THUMB})
+    info = {k: {"sha256": pixel_hash(im), "caption": c}
             for k, im, c in zip(keys, images, captions)}
     _atomic_json(os.path.join(payload["out"], "items", f"{chunk.name}.json"), info)
     record(payload["dsns"], [_decision(k, "validate", True) for k in keys]
@@ -151,64 +168,98 @@ def _labelled_images(folder: str, size: int) -> np.ndarray:
 @kind("curate.filters", validate=lambda p: require(p, out=str, labelled=str, family=str, model=str,
                                                     target_recall=float, sae=dict, resolution=int))
 def filters_job(payload: dict, ctx) -> dict:
-    """Train the probe and the SAE; writes OUT/filters/{probe,sae}.*."""
+    """Train the defect tagger (an SAE on the pool's standardised embeddings, its latents
+    named from labelled defects and styles) and the synthetic-image probe; writes
+    OUT/filters/{standardise.npz, tagger.safetensors, probe.safetensors}."""
     from data.embeddings import read_embeddings
     from data.probe import ProbeConfig, train_probe
-    from data.sae import name_latents, train_sae
+    from data.sae import fit_tagger, train_sae
 
     out, labelled = payload["out"], payload["labelled"]
     embedder = _embedder(payload)
     size = payload["resolution"]
-    real = embedder(_labelled_images(os.path.join(labelled, "real"), size))
-    fake = embedder(_labelled_images(os.path.join(labelled, "generated"), size))
+    real = np.asarray(embedder(_labelled_images(os.path.join(labelled, "real"), size)))
+    fake = np.asarray(embedder(_labelled_images(os.path.join(labelled, "generated"), size)))
+    groups = {sub.split("-", 1)[1]: np.asarray(embedder(_labelled_images(os.path.join(labelled, sub), size)))
+              for sub in sorted(os.listdir(labelled)) if sub.startswith(("defect-", "style-"))}
+    defects = [name for name in groups if os.path.isdir(os.path.join(labelled, f"defect-{name}"))]
+    styles = [name for name in groups if name not in defects]
+    # The probe runs after the defect filter, so it learns clean real against generated;
+    # real images with defects (noise resembles a fingerprint) are the defect filter's.
     probe = train_probe(np.concatenate([real, fake]), np.r_[np.zeros(len(real)), np.ones(len(fake))].astype(int),
                         embedder.meta(), ProbeConfig(target_recall=payload["target_recall"]))
     probe.save(os.path.join(out, "filters", "probe.safetensors"))
     ctx.check()
     _, pool, _ = read_embeddings(os.path.join(out, "embeddings"), expect_dim=embedder.dim)
-    groups = {}
-    for sub in sorted(os.listdir(labelled)):
-        if sub.startswith(("defect-", "style-")):
-            groups[sub] = embedder(_labelled_images(os.path.join(labelled, sub), size))
-    clean = real
-    sae = train_sae(np.concatenate([pool, clean, *groups.values()]), meta=embedder.meta(), **payload["sae"])
-    tagger = name_latents(sae, clean, {g.split("-", 1)[1]: e for g, e in groups.items()},
-                          defects=[g.split("-", 1)[1] for g in groups if g.startswith("defect-")])
-    tagger.save(os.path.join(out, "filters", "tagger"))
-    return {"probe_threshold": float(probe.threshold), "probe_heldout": probe.report["heldout"], "sae_nmse": float(sae.nmse),
-            "named": {k: list(map(int, v)) for k, v in tagger.latents.items()}}
+    pool = np.asarray(pool)
+    # An SAE splits variation around the data's mean: embeddings of one tower share a large
+    # common direction, so they are standardised by the pool's statistics first.
+    mean, std = pool.mean(0), pool.std(0) + 1e-6
+    np.savez(os.path.join(out, "filters", "standardise.npz"), mean=mean, std=std)
+    z = lambda x: ((x - mean) / std).astype(np.float32)  # noqa: E731
+    rows = np.concatenate([real, *groups.values()])
+    sae, history = train_sae(np.concatenate([z(pool), z(rows)]), embedding=embedder.meta(), **payload["sae"])
+    bounds = np.cumsum([len(real)] + [len(e) for e in groups.values()])
+    masks = {}
+    for name, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
+        masks[name] = np.zeros(len(rows), bool)
+        masks[name][lo:hi] = True
+    clean = np.zeros(len(rows), bool)
+    clean[:len(real)] = True
+    tagger = fit_tagger(sae, z(rows), masks, clean, defects, styles)
+    tagger.save(os.path.join(out, "filters", "tagger.safetensors"))
+    return {"probe_threshold": float(probe.threshold), "probe_heldout": probe.report["heldout"],
+            "sae_nmse": float(history[-1]["nmse"]), "tagger": tagger.report}
 
 
 @kind("curate.filter", validate=lambda p: require(p, out=str, chunk=str, dsns=list))
 def filter_job(payload: dict, ctx) -> dict:
-    """Apply the probe, the defect tagger and the safety checker to one chunk's images;
+    """Apply the defect tagger, the probe and the safety checker to one chunk's images;
     writes OUT/kept/<chunk>.json (the keys that pass)."""
-    from data.embeddings import read_chunk, chunk_path
+    from data.embeddings import chunk_path, read_chunk
     from data.probe import SyntheticImageProbe
     from data.sae import DefectTagger
     from trainer.safety import build_checker
 
     out, name = payload["out"], payload["chunk"]
     probe = SyntheticImageProbe.load(os.path.join(out, "filters", "probe.safetensors"))
-    tagger = DefectTagger.load(os.path.join(out, "filters", "tagger"))
+    tagger = DefectTagger.load(os.path.join(out, "filters", "tagger.safetensors"))
     keys, emb, meta = read_chunk(chunk_path(os.path.join(out, "embeddings"), name), expect_dim=probe.embedding["dim"])
+    emb = np.asarray(emb)
+    try:
+        stats = np.load(os.path.join(out, "filters", "standardise.npz"))
+        mean, std = stats["mean"], stats["std"]
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{os.path.join(out, 'filters', 'standardise.npz')}: missing or damaged ({e}); "
+                         f"rerun the curate.filters job") from None
     info = _read_json(os.path.join(out, "items", f"{name}.json"), "the chunk's item list")
-    decisions, kept = [], []
+    defect, d_score, d_reason = tagger.decide(((emb - mean) / std).astype(np.float32), meta)
     generated, p_fake = probe.decide(emb, meta)
-    defect, reasons, scores = tagger.decide(emb)
     checker = build_checker(payload.get("blocklists", []), payload.get("safety"))
+    image_verdicts = {}
+    if payload.get("safety"):  # an image classifier: it needs the pixels, decoded again here
+        from data.shard_inputs import Chunk
+        from data.writer import WriterConfig
+
+        items, images, captions, _ = _load_images(Chunk.from_json(payload["chunk_json"]).items,
+                                                  WriterConfig(**payload["writer"]))
+        image_verdicts = dict(zip((it.key for it in items), checker.check_images(images, captions)))
+    decisions, kept = [], []
     for i, key in enumerate(keys):
+        score = float(d_score[i]) if np.isfinite(d_score[i]) else None
+        if defect[i]:
+            decisions.append(_decision(key, "defects", False, score, f"sae defect: {d_reason[i]}"))
+            continue
+        decisions.append(_decision(key, "defects", True, score))
         if generated[i]:
             decisions.append(_decision(key, "synthetic", False, p_fake[i], "probe: looks generated"))
             continue
         decisions.append(_decision(key, "synthetic", True, p_fake[i]))
-        if defect[i]:
-            decisions.append(_decision(key, "defects", False, scores[i], f"sae: {reasons[i]}"))
-            continue
-        decisions.append(_decision(key, "defects", True, scores[i], reasons[i]))
         verdict = checker.check_prompt(info[key]["caption"])
+        if verdict.allowed and key in image_verdicts:
+            verdict = image_verdicts[key]
         if not verdict.allowed:
-            decisions.append(_decision(key, "safety", False, reason=verdict.reason))
+            decisions.append(_decision(key, "safety", False, reason=f"unsafe: {verdict.reason}"))
             continue
         decisions.append(_decision(key, "safety", True))
         kept.append(key)
@@ -218,14 +269,14 @@ def filter_job(payload: dict, ctx) -> dict:
 
 
 # ---- deduplication and balance ------------------------------------------------------------------------
-def _survivors(out: str, chunks: list[str]) -> tuple[list[str], np.ndarray, dict]:
-    """(keys, embeddings, item info) of the filtered images, in chunk order."""
+def _survivors(out: str, chunks: list[str], store: str = "embeddings") -> tuple[list[str], np.ndarray, dict]:
+    """(keys, vectors of `store`, item info) of the filtered images, in chunk order."""
     from data.embeddings import chunk_path, read_chunk
 
     keys, embs, info = [], [], {}
     for name in chunks:
         kept = set(_read_json(os.path.join(out, "kept", f"{name}.json"), "the chunk's filter result"))
-        ks, emb, _ = read_chunk(chunk_path(os.path.join(out, "embeddings"), name))
+        ks, emb, _ = read_chunk(chunk_path(os.path.join(out, store), name))
         take = [i for i, k in enumerate(ks) if k in kept]
         keys += [ks[i] for i in take]
         embs.append(np.asarray(emb)[take])
@@ -235,12 +286,13 @@ def _survivors(out: str, chunks: list[str]) -> tuple[list[str], np.ndarray, dict
 
 @kind("curate.dedup", validate=lambda p: require(p, out=str, chunks=list, threshold=float, dsns=list))
 def dedup_job(payload: dict, ctx) -> dict:
-    """Exact duplicates by pixel hash, then near duplicates by cosine similarity; one image
-    of each group is kept (the first in input order). Writes OUT/dedup.json (the kept keys)."""
+    """Exact duplicates by pixel hash, then near duplicates by cosine similarity of the
+    thumbnail descriptors (THUMB); one image of each group is kept (the smallest key).
+    Writes OUT/dedup.json (the kept keys)."""
     from data.dedup import exact_duplicates, near_duplicates
 
     out = payload["out"]
-    keys, emb, info = _survivors(out, payload["chunks"])
+    keys, emb, info = _survivors(out, payload["chunks"], "thumbs")
     decisions = []
     exact = exact_duplicates(keys, [info[k]["sha256"] for k in keys])
     after_exact = []
@@ -249,7 +301,7 @@ def dedup_job(payload: dict, ctx) -> dict:
             decisions.append(_decision(key, "exact_dup", True))
             after_exact.append(i)
         else:
-            decisions.append(_decision(key, "exact_dup", False, 1.0, f"same pixels as {exact.representative[i]}"))
+            decisions.append(_decision(key, "exact_dup", False, 1.0, f"exact duplicate: of {exact.representative[i]}"))
     ctx.check()
     near = near_duplicates([keys[i] for i in after_exact], emb[after_exact], payload["threshold"])
     kept = []
@@ -259,7 +311,7 @@ def dedup_job(payload: dict, ctx) -> dict:
             kept.append(keys[i])
         else:
             decisions.append(_decision(keys[i], "near_dup", False, near.similarity[j],
-                                       f"cosine {near.similarity[j]:.4f} to {near.representative[j]}"))
+                                       f"near duplicate: of {near.representative[j]} (cosine {near.similarity[j]:.4f})"))
     record(payload["dsns"], decisions)
     _atomic_json(os.path.join(out, "dedup.json"), kept)
     return {"exact": int((~np.asarray(exact.kept)).sum()), "near": len(after_exact) - len(kept), "kept": len(kept)}
@@ -269,34 +321,48 @@ def dedup_job(payload: dict, ctx) -> dict:
 def cluster_job(payload: dict, ctx) -> dict:
     """Hierarchical k-means on the kept images and balanced per-image weights (rare entities
     prioritised); writes OUT/weights_by_source.json, OUT/hierarchy.* and OUT/gaps.md."""
-    from data.balance import balanced_weights, format_gap_report, gap_report
-    from data.clusters import hierarchical_kmeans
+    from data.balance import balanced_weights, entity_priority, format_gap_report, gap_report, match_entities
+    from data.clusters import HierarchyConfig, build_hierarchy
 
     out = payload["out"]
     kept = _read_json(os.path.join(out, "dedup.json"), "the dedup result")
     keys, emb, info = _survivors(out, payload["chunks"])
     where = {k: i for i, k in enumerate(keys)}
-    rows = [where[k] for k in kept]
-    keys, emb = kept, emb[rows]
-    hierarchy = hierarchical_kmeans(emb, payload["levels"], seed=payload.get("seed", 0))
+    emb = emb[[where[k] for k in kept]]
+    keys = kept
+    hierarchy = build_hierarchy(emb, HierarchyConfig(clusters=list(payload["levels"]), seed=payload.get("seed", 0)),
+                                keys=keys, log=lambda line: print(f"[cluster] {line}", flush=True))
     hierarchy.save(os.path.join(out, "hierarchy"))
-    rare = [t.lower() for t in payload.get("rare", [])]
-    captions = [info[k]["caption"].lower() for k in keys]
-    priority = np.array([any(t in c.split() for t in rare) for c in captions], bool) if rare else None
-    weights = balanced_weights(hierarchy, payload["budget"], priority=priority)
-    report = gap_report(hierarchy, weights)
+    ctx.check()
+    captions = [info[k]["caption"] for k in keys]
+    rare = list(payload.get("rare", []))
+    priority = entity_priority(captions, rare, payload.get("boost", 10.0)) if rare else None
+    # A budget of one epoch's draws, each image drawn at most max_repeat times its priority:
+    # small clusters (and rare entities) are repeated, large ones subsampled.
+    weights = balanced_weights(hierarchy, len(keys), priority=priority, max_repeat=payload.get("max_repeat", 4.0))
+    top = hierarchy.labels(hierarchy.num_levels)
+    report = ["## Top-level clusters, as the data is\n", format_gap_report(gap_report(top)),
+              "\n## Top-level clusters, as balanced\n", format_gap_report(gap_report(top, weights))]
+    if rare:
+        concepts = match_entities(captions, rare)
+        target = {name: payload.get("rare_share", 0.1) for name in rare}
+        report += ["\n## Rare entities, as the data is\n", format_gap_report(gap_report(concepts, target=target)),
+                   "\n## Rare entities, as balanced\n",
+                   format_gap_report(gap_report(concepts, weights, target=target))]
     with open(os.path.join(out, "gaps.md"), "w") as f:
-        f.write(format_gap_report(report))
+        f.write("\n".join(report) + "\n")
     _atomic_json(os.path.join(out, "weights_by_source.json"), dict(zip(keys, map(float, weights))))
     record(payload["dsns"], [_decision(k, "balance", True, w) for k, w in zip(keys, weights)])
-    return {"images": len(keys), "rare": int(priority.sum()) if priority is not None else 0,
+    rare_mask = priority > 1 if priority is not None else np.zeros(len(keys), bool)
+    return {"images": len(keys), "rare": int(rare_mask.sum()),
+            "rare_share_before": float(rare_mask.mean()), "rare_share_after": float(weights[rare_mask].sum() / weights.sum()),
             "weight_max_over_mean": float(weights.max() / max(weights.mean(), 1e-12))}
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------
 def curate_jobs(inputs: str, out: str, labelled: str, dsns: list[str], chunk_size: int = 500,
                 family: str = "open_clip", model: str = "k2-tiny-resnet", pretrained: str | None = None,
-                resolution: int = 32, target_recall: float = 0.95, dedup_threshold: float = 0.98,
+                resolution: int = 32, target_recall: float = 0.95, dedup_threshold: float = 0.99,
                 levels: tuple[int, ...] = (64, 16, 4, 2), budget: int | None = None, rare: tuple[str, ...] = (),
                 sae: dict | None = None, blocklists: tuple[str, ...] = (), safety: str | None = None,
                 seed: int = 0):
@@ -307,6 +373,7 @@ def curate_jobs(inputs: str, out: str, labelled: str, dsns: list[str], chunk_siz
     from krablet.queue import NewJob
 
     out = os.path.abspath(out)
+    check_labelled(labelled)
     chunks = list_chunks(inputs, chunk_size)
     total = sum(len(c.items) for c in chunks)
     writer = asdict(WriterConfig(resolution=resolution, bucket_multiple=1, min_side=1))
@@ -320,7 +387,8 @@ def curate_jobs(inputs: str, out: str, labelled: str, dsns: list[str], chunk_siz
     filters = NewJob("curate.filters", filters_payload, key=f"curate:{out}:filters:{_digest([tag, filters_payload])}",
                      deps=tuple(j.key for j in embeds))
     filtered = [NewJob("curate.filter", {"out": out, "chunk": c.name, "dsns": dsns, "blocklists": list(blocklists),
-                                         "safety": safety},
+                                         "safety": safety, "writer": writer,
+                                         **({"chunk_json": c.to_json()} if safety else {})},
                        key=f"curate:{out}:filter:{c.name}:{_digest([filters.key, list(blocklists), safety])}",
                        deps=(filters.key,)) for c in chunks]
     names = [c.name for c in chunks]
@@ -333,6 +401,23 @@ def curate_jobs(inputs: str, out: str, labelled: str, dsns: list[str], chunk_siz
                      key=f"curate:{out}:cluster:{_digest([dedup.key, {k: v for k, v in cluster_payload.items() if k != 'dsns'}])}",
                      deps=(dedup.key,))
     return chunks, embeds + [filters] + filtered + [dedup, cluster]
+
+
+def check_labelled(folder: str) -> None:
+    """ValueError naming what is missing from a labelled-examples folder (see the module docstring)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no labelled-examples folder (real/, generated/, defect-<name>/, style-<name>/); "
+                         f"`python -m krablet.curate --make-labelled {folder}` writes the shapes world's")
+    subs = set(os.listdir(folder))
+    missing = [s for s in ("real", "generated") if s not in subs]
+    if missing or not any(s.startswith("defect-") for s in subs):
+        raise ValueError(f"{folder}: needs real/, generated/ and at least one defect-<name>/ folder of images "
+                         f"(has {sorted(subs)})")
+    for sub in sorted(subs):
+        path = os.path.join(folder, sub)
+        if os.path.isdir(path) and not any(n.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
+                                           for n in os.listdir(path)):
+            raise ValueError(f"{path}: no images")
 
 
 def kept_chunks(chunks, out: str):
@@ -391,6 +476,16 @@ def planted_table(inputs: str, dropped_at: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _undone(dsns: list[str], keys: list[str]) -> list[str]:
+    from krablet.queue import ShardQueue, connect
+
+    done: set[str] = set()
+    for dsn in dsns:
+        with connect(dsn) as conn:
+            done |= set(ShardQueue(conn).done_keys(keys))
+    return [k for k in keys if k not in done]
+
+
 def main(argv: list[str] | None = None) -> int:
     from krablet.cli import configured_dsns, shard_dsns
     from krablet.lineage import dropped_items, format_summary, summary
@@ -409,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="k2-tiny-resnet")
     p.add_argument("--pretrained", default=None)
     p.add_argument("--target-recall", type=float, default=0.95, help="of the synthetic-image probe")
-    p.add_argument("--dedup-threshold", type=float, default=0.98, help="cosine similarity of near duplicates")
+    p.add_argument("--dedup-threshold", type=float, default=0.99,
+                   help="cosine similarity of near duplicates' thumbnail descriptors")
     p.add_argument("--levels", type=int, nargs="+", default=[64, 16, 4, 2], help="k-means clusters per level")
     p.add_argument("--budget", type=int, default=None, help="balanced draws (default: the kept image count)")
     p.add_argument("--rare", nargs="*", default=[], help="rare entities (caption words) to prioritise")
@@ -437,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     labelled = args.labelled or os.path.join(args.output, "labelled")
     try:
         configured_dsns(args)
+        check_labelled(labelled)
+        if not os.path.isdir(args.encoder):
+            raise ValueError(f"--encoder {args.encoder}: not a folder (a text encoder: a base run's shards/text_encoder)")
     except (ValueError, OSError) as e:
         p.error(str(e))
     from data.writer import WriterConfig, default_text_layers
@@ -459,7 +558,13 @@ def main(argv: list[str] | None = None) -> int:
                 shards.close()
             print(f"{what}: {len(phase_jobs)} jobs; running {args.workers} workers until drained", flush=True)
             with _Progress(dsns, [j.key for j in phase_jobs]):
-                return run_pool(config, args.workers)
+                rc = run_pool(config, args.workers)
+            undone = _undone(dsns, [j.key for j in phase_jobs])
+            if undone:  # a dead job: its error is in the queue (python -m krablet status / retry)
+                print(f"{what}: {len(undone)} jobs not done, e.g. {undone[:3]}; see their errors with "
+                      f"`python -m krablet status`, fix the cause, then `python -m krablet retry` and rerun", flush=True)
+                return rc or 1
+            return rc
 
         if run(jobs, "curation") != 0:
             return 1
@@ -479,3 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(table + "\n")
             print(table)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

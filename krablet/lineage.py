@@ -86,13 +86,14 @@ def lookup(dsns: list[str], item: str) -> list[Decision]:
 
 def summary(dsns: list[str], prefix: str = "") -> list[dict]:
     """Per (stage, decision, reason): the item count, over all shards, in pipeline order.
-    `prefix` keeps items whose key starts with it (one pipeline's inputs among several)."""
+    Reasons are grouped by what precedes their first ':' ("near duplicate: of img7 (cosine
+    0.999)" counts as "near duplicate"). `prefix` keeps items whose key starts with it."""
     totals: dict[tuple, int] = {}
     for dsn in dsns:
         with connect(dsn) as conn:
             for position, stage, decision, reason, n in conn.execute(
-                    "SELECT position, stage, decision, reason, count(*) FROM krablet_lineage WHERE item LIKE %s"
-                    " GROUP BY 1, 2, 3, 4", (_like_prefix(prefix),)):
+                    "SELECT position, stage, decision, split_part(reason, ':', 1), count(*) FROM krablet_lineage"
+                    " WHERE item LIKE %s GROUP BY 1, 2, 3, 4", (_like_prefix(prefix),)):
                 key = (position, stage, decision, reason)
                 totals[key] = totals.get(key, 0) + n
     return [{"stage": s, "decision": d, "reason": r, "items": n} for (_, s, d, r), n in sorted(totals.items())]
