@@ -7,6 +7,14 @@
 #             drains them with 2 workers;
 #   pretrain  trains the demo model on those shards on CPU;
 #   evaluate  scores what it learned against the untrained model;
+#   curate    a raw pool of 4000 images with planted problems (data/shapes_curation.py:
+#             generated-looking images, JPEG blocks, noise, duplicates, stylistic blur to
+#             keep, a rare concept) goes through krablet.curate's jobs: embed, defect and
+#             synthetic filters, safety, dedup, hierarchical k-means, balanced weights; it
+#             prints what each stage dropped and why, and writes runs/<name>/curation/shards;
+#   midtrain  the base continues on that pool drawn by the balanced weights, and beside it
+#             drawn uniformly; the rare concept's accuracy before and after
+#             (runs/<name>_midtrain_eval);
 #   concept   Krablet writes shards of a colour pretraining never saw ("pink"), training
 #             and held-out validation sets, with the base's own text encoder;
 #   lora      fine-tunes a LoRA on the base to draw it (stage=sft, validation loss);
@@ -33,7 +41,7 @@ cd "$root"
 py="${K2_VENV:-$root/.venv}/bin/python"
 name=demo
 for arg in "$@"; do [[ "$arg" == name=* ]] && name="${arg#name=}"; done
-stages="${K2_DEMO_STAGES:-ingest pretrain evaluate concept lora compare artifact dpo grpo stages tdm turbo}"
+stages="${K2_DEMO_STAGES:-ingest pretrain evaluate curate midtrain concept lora compare artifact dpo grpo stages tdm turbo}"
 samples="${K2_DEMO_SAMPLES:-24000}"  # 2800 steps x batch 32: under four epochs
 write=(--chunk-size 2000 --resolution 32 --bucket-multiple 16 --latents shapes_ae --vae-path "runs/$name/autoencoder"
        --text-len 16 --workers 2 --run-dir "runs/$name/krablet")
@@ -42,6 +50,22 @@ run() { [[ " $stages " == *" $1 "* ]]; }
 run ingest && "$py" -m krablet.pipeline --input "shapes:$samples:32" --output "runs/$name/shards" "${write[@]}"
 run pretrain && "$py" -m trainer.train experiment=demo "$@"
 run evaluate && "$py" -m trainer.evaluate "runs/$name" --seeds 4
+cur="runs/$name/curation"
+if run curate; then
+  [[ -f "$cur/raw/captions.jsonl" ]] || "$py" -m data.shapes_curation --out "$cur/raw" --n 4000
+  [[ -d "$cur/labelled/style-blur" ]] || "$py" -m krablet.curate --make-labelled "$cur/labelled"
+  "$py" -m krablet.curate --input "$cur/raw" --output "$cur" --labelled "$cur/labelled" --rare pink \
+    --encoder "runs/$name/shards/text_encoder" --resolution 32 --bucket-multiple 16 --text-len 16 \
+    --latents shapes_ae --vae-path "runs/$name/autoencoder" --chunk-size 1000 --levels 64 16 4 2 --workers 2
+fi
+if run midtrain; then
+  mid=("data.path=$cur/shards" "data.encoder_path=runs/$name/shards/text_encoder"
+       "data.vae_path=runs/$name/autoencoder" "checkpoint.init_from=runs/$name")
+  "$py" -m trainer.train experiment=demo_midtrain "name=${name}_midtrain" "data.weights=$cur/shards/weights.npz" "${mid[@]}"
+  "$py" -m trainer.train experiment=demo_midtrain "name=${name}_midtrain_uniform" data.weights=null "${mid[@]}"
+  "$py" -m trainer.evaluate "runs/$name" "runs/${name}_midtrain_uniform" "runs/${name}_midtrain" \
+    --prompts concept-seen,held-out --seeds 4 --out "runs/${name}_midtrain_eval"
+fi
 if run concept; then
   "$py" -m krablet.pipeline --input "shapes-pink-mix:4800:32" --output "runs/$name/shards_pink" \
     --encoder "runs/$name/shards/text_encoder" "${write[@]}"
