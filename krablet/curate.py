@@ -21,8 +21,8 @@ The jobs, in order (each waits for the ones it needs):
 then OUTPUT/shards/weights.npz aligned to the shards' index (data/weights.py). Every stage
 records its decision on each input it saw in the lineage table (krablet/lineage.py):
 
-    python -m krablet lineage img000123 --run-dir runs/demo/curation/krablet
-    python -m krablet lineage --summary --run-dir runs/demo/curation/krablet
+    python -m krablet --run-dir runs/demo/curation/krablet --shards 1 lineage img000123
+    python -m krablet --run-dir runs/demo/curation/krablet --shards 1 lineage --summary
 
 Rerunning the command resumes: done jobs are not run again (their keys are known), a
 job whose worker died is re-run and rewrites the same files and lineage rows.
