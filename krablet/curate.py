@@ -21,8 +21,8 @@ The jobs, in order (each waits for the ones it needs):
 then OUTPUT/shards/weights.npz aligned to the shards' index (data/weights.py). Every stage
 records its decision on each input it saw in the lineage table (krablet/lineage.py):
 
-    python -m krablet --run-dir runs/demo/curation/krablet --shards 1 lineage img000123
-    python -m krablet --run-dir runs/demo/curation/krablet --shards 1 lineage --summary
+    python -m krablet --run-dir runs/demo/curation/krablet lineage img000123
+    python -m krablet --run-dir runs/demo/curation/krablet lineage --summary
 
 Rerunning the command resumes: done jobs are not run again (their keys are known), a
 job whose worker died is re-run and rewrites the same files and lineage rows.
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--dsn", action="append")
     p.add_argument("--run-dir", default=None, help="embedded PostgreSQL here (default OUTPUT/krablet)")
-    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--shards", type=int, default=2, help="embedded shard count (the krablet CLI's default too)")
     args = p.parse_args(argv)
     if args.make_labelled:
         from data.shapes_curation import write_labelled
