@@ -12,9 +12,8 @@
 #             keep, a rare concept) goes through krablet.curate's jobs: embed, defect and
 #             synthetic filters, safety, dedup, hierarchical k-means, balanced weights; it
 #             prints what each stage dropped and why, and writes runs/<name>/curation/shards;
-#   midtrain  the base continues on that pool drawn by the balanced weights, and beside it
-#             drawn uniformly; the rare concept's accuracy before and after
-#             (runs/<name>_midtrain_eval);
+#   midtrain  the base continues on that pool drawn by the balanced weights; the rare
+#             concept's accuracy before and after (runs/<name>_midtrain_eval);
 #   concept   Krablet writes shards of a colour pretraining never saw ("pink"), training
 #             and held-out validation sets, with the base's own text encoder;
 #   lora      fine-tunes a LoRA on the base to draw it (stage=sft, validation loss);
@@ -62,8 +61,7 @@ if run midtrain; then
   mid=("data.path=$cur/shards" "data.encoder_path=runs/$name/shards/text_encoder"
        "data.vae_path=runs/$name/autoencoder" "checkpoint.init_from=runs/$name")
   "$py" -m trainer.train experiment=demo_midtrain "name=${name}_midtrain" "data.weights=$cur/shards/weights.npz" "${mid[@]}"
-  "$py" -m trainer.train experiment=demo_midtrain "name=${name}_midtrain_uniform" data.weights=null "${mid[@]}"
-  "$py" -m trainer.evaluate "runs/$name" "runs/${name}_midtrain_uniform" "runs/${name}_midtrain" \
+  "$py" -m trainer.evaluate "runs/$name" "runs/${name}_midtrain" \
     --prompts concept-seen,held-out --seeds 4 --out "runs/${name}_midtrain_eval"
 fi
 if run concept; then
