@@ -17,8 +17,8 @@ The SAE follows Gao et al. 2024 ("Scaling and evaluating sparse autoencoders"):
     x_hat = W_dec z + b_pre                      W_dec's columns unit norm
     loss = |x - x_hat|^2 / V + aux_coef * |e - e_hat|^2 / V
 
-V is the data's total variance, so the first term is the normalised MSE (NMSE: 1 is the
-error of predicting the mean). AuxK: e = x - x_hat (no gradient), e_hat = W_dec z_aux, z_aux
+x is the embedding standardised per dimension (TopKSAE says why) and V its total variance,
+so the first term is the normalised MSE (NMSE: 1 is the error of predicting the mean). AuxK: e = x - x_hat (no gradient), e_hat = W_dec z_aux, z_aux
 the top k_aux pre-activations among the dead latents, those not selected for `dead_steps`
 steps; it gives dead latents a gradient toward what the live ones miss. b_pre starts at the
 geometric median of the data, W_enc at W_dec's transpose. After every step the decoder's
@@ -55,11 +55,19 @@ class SAEConfig:
     batch_size: int = 1024
     lr: float = 1e-3
     seed: int = 0
+    standardize: bool = True        # z-score each embedding dimension first (see TopKSAE)
 
 
 class TopKSAE(nn.Module):
     """The autoencoder (module docstring). `embedding`: the meta of the embeddings it was
-    trained on (model, version, dim), checked by the tagger; None for planted data."""
+    trained on (model, version, dim), checked by the tagger; None for planted data.
+
+    It works on standardised embeddings z = (x - x_mean) / x_std (buffers; identity unless
+    config.standardize): an image tower's embedding varies mostly with content, and the
+    quality signal lives in directions of small variance (measured with the tiny random
+    tower: a JPEG or noise copy moves a unit embedding by 0.02-0.04) that an SAE on raw
+    embeddings spends no latent on. pre_activations, decode and forward take and give z;
+    encode_topk, encode and nmse take embeddings."""
 
     def __init__(self, dim: int, config: SAEConfig, embedding: dict | None = None):
         super().__init__()
@@ -71,10 +79,16 @@ class TopKSAE(nn.Module):
         self.W_enc = nn.Parameter(torch.zeros(config.n_latents, dim))
         self.b_enc = nn.Parameter(torch.zeros(config.n_latents))
         self.W_dec = nn.Parameter(torch.zeros(dim, config.n_latents))
+        self.register_buffer("x_mean", torch.zeros(dim))
+        self.register_buffer("x_std", torch.ones(dim))
 
     @property
     def dim(self) -> int:
         return self.b_pre.shape[0]
+
+    def standardise(self, emb_ND) -> torch.Tensor:
+        """Embeddings (numpy or torch, (N, dim)) -> z, float32."""
+        return (check_width(emb_ND, self.dim, "the sparse autoencoder") - self.x_mean) / self.x_std
 
     def pre_activations(self, x_ND: torch.Tensor) -> torch.Tensor:
         return (x_ND - self.b_pre) @ self.W_enc.T + self.b_enc
@@ -92,7 +106,7 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def encode_topk(self, emb_ND) -> tuple[torch.Tensor, torch.Tensor]:
         """(values (N, k), latent indices (N, k)) of every row, in row blocks."""
-        x = check_width(emb_ND, self.dim, "the sparse autoencoder")
+        x = self.standardise(emb_ND)
         parts = [self.pre_activations(x[i:i + _ROWS]).topk(self.config.k, dim=1) for i in range(0, len(x), _ROWS)]
         return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
@@ -103,8 +117,8 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def nmse(self, emb_ND) -> float:
-        """|x - x_hat|^2 summed over rows, over |x - mean(x)|^2 summed."""
-        x = check_width(emb_ND, self.dim, "the sparse autoencoder")
+        """|z - z_hat|^2 summed over rows, over |z - mean(z)|^2 summed (z: the standardised rows)."""
+        x = self.standardise(emb_ND)
         error = sum(((x[i:i + _ROWS] - self(x[i:i + _ROWS])[0]) ** 2).sum().item() for i in range(0, len(x), _ROWS))
         return error / ((x - x.mean(0)) ** 2).sum().item()
 
@@ -146,24 +160,29 @@ def geometric_median(x_ND: torch.Tensor, iters: int = 20) -> torch.Tensor:
 
 def train_sae(emb_ND, n_latents: int, k: int = 32, steps: int = 2000, *, k_aux: int | None = None,
               aux_coef: float = 1 / 32, dead_steps: int = 200, batch_size: int = 1024, lr: float = 1e-3,
-              seed: int = 0, embedding: dict | None = None, log_every: int = 100,
+              seed: int = 0, standardize: bool = True, embedding: dict | None = None, log_every: int = 100,
               progress: Callable[[str], None] | None = None) -> tuple[TopKSAE, list[dict]]:
-    """A TopK SAE on the rows of `emb_ND` (module docstring); minibatches drawn with `seed`.
+    """A TopK SAE on the rows of `emb_ND` (module docstring), standardised first unless
+    `standardize` is False (see TopKSAE); minibatches drawn with `seed`.
     history: at step 0, every `log_every` steps and the last, {"step", "nmse" (on up to 8192
     rows), "dead_fraction" (latents not selected for dead_steps steps), "aux_loss"}."""
-    x = check_width(emb_ND, int(np.shape(emb_ND)[1]), "train_sae")
-    n, d = x.shape
-    config = SAEConfig(n_latents, k, k_aux, aux_coef, dead_steps, steps, batch_size, lr, seed)
+    raw = check_width(emb_ND, int(np.shape(emb_ND)[1]), "train_sae")
+    n, d = raw.shape
+    config = SAEConfig(n_latents, k, k_aux, aux_coef, dead_steps, steps, batch_size, lr, seed, standardize)
     k_aux = min(n_latents, k_aux if k_aux is not None else max(d // 2, 1))
     g = torch.Generator().manual_seed(seed)
     sae = TopKSAE(d, config, embedding)
+    if standardize:
+        sae.x_mean.copy_(raw.mean(0))
+        sae.x_std.copy_(raw.std(0).clamp_min(1e-6))
+    x = sae.standardise(raw)
     with torch.no_grad():
         w = torch.randn(d, n_latents, generator=g)
         sae.W_dec.copy_(w / w.norm(dim=0))
         sae.W_enc.copy_(sae.W_dec.T)
         sae.b_pre.copy_(geometric_median(x[torch.randperm(n, generator=g)[:8192]]))
     variance = ((x - x.mean(0)) ** 2).sum(1).mean()  # V: total variance per row
-    probe = x[torch.randperm(n, generator=g)[:8192]]
+    probe = raw[torch.randperm(n, generator=g)[:8192]]
     opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
     since_fired = torch.zeros(n_latents, dtype=torch.long)
     history: list[dict] = []
