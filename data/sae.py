@@ -18,11 +18,14 @@ The SAE follows Gao et al. 2024 ("Scaling and evaluating sparse autoencoders"):
     loss = |x - x_hat|^2 / V + aux_coef * |e - e_hat|^2 / V
 
 x is the embedding standardised per dimension (TopKSAE says why) and V its total variance,
-so the first term is the normalised MSE (NMSE: 1 is the error of predicting the mean). AuxK: e = x - x_hat (no gradient), e_hat = W_dec z_aux, z_aux
-the top k_aux pre-activations among the dead latents, those not selected for `dead_steps`
-steps; it gives dead latents a gradient toward what the live ones miss. b_pre starts at the
-geometric median of the data, W_enc at W_dec's transpose. After every step the decoder's
-gradient along its own columns is removed and the columns renormalised.
+so the first term is the normalised MSE (NMSE: 1 is the error of predicting the mean).
+AuxK: e = x - x_hat (no gradient), e_hat = W_dec z_aux, z_aux the top k_aux pre-activations
+among the dead latents (those not selected for `dead_steps` steps), signed as z is; it gives
+dead latents, which the first term never reaches, a gradient toward what the live ones miss.
+(Measured on planted data: with z_aux through a ReLU, AuxK did not lower the dead count;
+signed, it cuts the latents that never fire from 6-8 of 384 to 1-2, tests/data/test_sae.py.)
+b_pre starts at the geometric median of the data, W_enc at W_dec's transpose. After every
+step the decoder's gradient along its own columns is removed and the columns renormalised.
 """
 
 from __future__ import annotations
