@@ -33,6 +33,7 @@ the one most likely to be missed.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,12 +124,7 @@ class DedupResult:
 def _check_keys(keys) -> list[str]:
     keys = [str(k) for k in keys]
     if len(set(keys)) != len(keys):
-        seen, dup = set(), None
-        for k in keys:
-            if k in seen:
-                dup = k
-                break
-            seen.add(k)
+        dup = next(k for k, n in Counter(keys).items() if n > 1)
         raise ValueError(f"key {dup!r} occurs more than once: dedup needs one key per input")
     return keys
 

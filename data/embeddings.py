@@ -24,6 +24,7 @@ and a retried job overwrites its chunk with the same bytes.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 import os
 import re
@@ -412,10 +413,5 @@ def read_embeddings(folder: str | os.PathLike, expect_dim: int | None = None, mo
 
 def _check_unique(keys: list[str], path: Path) -> None:
     if len(set(keys)) != len(keys):
-        seen, dup = set(), None
-        for key in keys:
-            if key in seen:
-                dup = key
-                break
-            seen.add(key)
+        dup = next(k for k, n in Counter(keys).items() if n > 1)
         raise ValueError(f"embedding file {path}: key {dup!r} appears more than once")
