@@ -1,13 +1,14 @@
 """Krablet queue throughput (claim + complete of no-op jobs) beside pgqueuer, on one embedded PostgreSQL.
 
-    python benchmarks/queue_throughput.py [--jobs 60000] [--procs 1 4 16] [--batch 100]
+    python benchmarks/queue_throughput.py [--jobs 200000] [--procs 1 4 16] [--batch 100]
 
 Durable commits (fsync and synchronous_commit on, the server defaults).
 Krablet runs its real worker loop (krablet.worker.Worker in drain mode) on one
 shard and on two shards (two databases of the same server); pgqueuer runs its
 own Queries.enqueue / dequeue / log_jobs with the same batch size. Each worker
 process starts, connects, then waits on a barrier, so process start-up is not
-timed. Writes benchmarks/results/queue_throughput.json.
+timed. Each run has its own database, dropped (and the server checkpointed) before
+the next run starts. Writes benchmarks/results/queue_throughput.json.
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def _timed(target, args, num_procs) -> tuple[float, int]:
     return elapsed, done
 
 
+def _clean_slate(pg, names) -> None:
+    """Drop a finished run's databases and checkpoint, so the next run (of either system)
+    does not share the cores with the vacuum of this one's dead rows, nor pay its
+    full-page writes."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute("CHECKPOINT")
+
+
 def _analyze(dsns, table) -> None:
     """Steady state, not the first seconds after a bulk load: give both queues fresh
     planner statistics (autovacuum would, within a minute)."""
@@ -96,7 +110,8 @@ def bench_krablet(pg, num_shards, num_procs, num_jobs, batch, tag) -> dict:
     from krablet.schema import migrate
     from krablet.shards import ShardSet
 
-    dsns = [pg.create_database(f"kr_{tag}_{i}") for i in range(num_shards)]
+    names = [f"kr_{tag}_{i}" for i in range(num_shards)]
+    dsns = [pg.create_database(name) for name in names]
     for dsn in dsns:
         migrate(dsn)
     t = time.perf_counter()
@@ -107,6 +122,7 @@ def bench_krablet(pg, num_shards, num_procs, num_jobs, batch, tag) -> dict:
     _analyze(dsns, "krablet_jobs")
     elapsed, done = _timed(_krablet_proc, (dsns, batch), num_procs)
     assert done == num_jobs, (done, num_jobs)
+    _clean_slate(pg, names)
     return {"system": "krablet", "shards": num_shards, "procs": num_procs, "jobs": done, "seconds": elapsed,
             "jobs_per_s": done / elapsed, "enqueue_jobs_per_s": num_jobs / enqueue_s}
 
@@ -134,13 +150,15 @@ def bench_pgqueuer(pg, num_procs, num_jobs, batch, tag) -> dict:
     _analyze([dsn], "pgqueuer")
     elapsed, done = _timed(_pgqueuer_proc, (dsn, batch), num_procs)
     assert done == num_jobs, (done, num_jobs)
+    _clean_slate(pg, [f"pgq_{tag}"])
     return {"system": "pgqueuer", "shards": 1, "procs": num_procs, "jobs": done, "seconds": elapsed,
             "jobs_per_s": done / elapsed, "enqueue_jobs_per_s": num_jobs / enqueue_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=60_000)
+    # 200,000 jobs: 5-13 s a run, long enough that start-up and the first plans do not weigh.
+    parser.add_argument("--jobs", type=int, default=200_000)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "queue_throughput.json"))

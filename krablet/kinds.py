@@ -17,7 +17,6 @@ the work is no longer this worker's and its result would be refused.
 from __future__ import annotations
 
 import importlib
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field as dataclass_field
@@ -28,13 +27,30 @@ class LeaseLost(RuntimeError):
     """Raised by ``JobContext.check`` once the job is no longer this worker's."""
 
 
+class LeaseFlag:
+    """Whether one job's lease was lost: the job's id in a set the worker's heartbeat
+    fills (one set per batch, so a claimed job costs no lock or Event of its own)."""
+
+    __slots__ = ("_job_id", "_lost")
+
+    def __init__(self, job_id: int = 0, lost: set[int] | None = None):
+        self._job_id = job_id
+        self._lost = set() if lost is None else lost
+
+    def is_set(self) -> bool:
+        return self._job_id in self._lost
+
+    def set(self) -> None:
+        self._lost.add(self._job_id)
+
+
 @dataclass(frozen=True)
 class JobContext:
     key: str
     attempt: int
     owner: str
     # Set by the worker's heartbeat when it finds the lease lost.
-    lease_lost: threading.Event = dataclass_field(default_factory=threading.Event, repr=False, compare=False)
+    lease_lost: LeaseFlag = dataclass_field(default_factory=LeaseFlag, repr=False, compare=False)
 
     def cancelled(self) -> bool:
         return self.lease_lost.is_set()

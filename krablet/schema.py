@@ -118,7 +118,16 @@ def _v3_lineage(conn: sa.Connection) -> None:
     conn.execute(sa.text("CREATE INDEX krablet_lineage_stage_idx ON krablet_lineage (stage, decision)"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_create_tables, _v2_archive_done_jobs, _v3_lineage]
+def _v4_sync_function(conn: sa.Connection) -> None:
+    # Complete + claim as one server-side call per batch (krablet/queue.py says why).
+    from krablet.queue import SYNC_FUNCTION
+
+    conn.exec_driver_sql(SYNC_FUNCTION)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_create_tables, _v2_archive_done_jobs, _v3_lineage,
+                                                     _v4_sync_function]
+SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_ID = 0x6B7261626C6574  # "krablet"
 
 
@@ -139,6 +148,6 @@ def migrate(dsn: str) -> int:
                 if version not in done:
                     step(conn)
                     conn.execute(schema_version.insert().values(version=version))
-        return len(MIGRATIONS)
+        return SCHEMA_VERSION
     finally:
         engine.dispose()

@@ -78,9 +78,25 @@ class Shard:
                 log.warning("shard %d unreachable (%s), retrying (attempt %d, next in %.1fs): %s", self.index,
                             mask_dsn(self.dsn), self.failures, self.down_until - time.monotonic(), reason(e))
             return None
+        self._check_schema()
         if self.failures:
             log.info("shard %d (%s) reachable again", self.index, mask_dsn(self.dsn))
         return self._queue
+
+    def _check_schema(self) -> None:
+        """A shard whose schema is older than this code (or was never created) cannot be worked."""
+        from krablet.schema import SCHEMA_VERSION
+
+        conn = self._queue.conn
+        try:
+            found = conn.execute("SELECT coalesce(max(version), 0) FROM krablet_schema_version").fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            found = 0
+        if found < SCHEMA_VERSION:
+            self.close()
+            raise PermanentConnectionError(
+                f"shard {self.index} ({mask_dsn(self.dsn)}): schema version {found}, this Krablet needs"
+                f" {SCHEMA_VERSION}: run `python -m krablet init` (it migrates in place)")
 
     def mark_down(self) -> None:
         if self._queue is not None:

@@ -41,7 +41,7 @@ from typing import Any
 import psycopg
 
 from krablet.dsn import Dsn, PermanentConnectionError, mask_dsn, reason
-from krablet.kinds import REGISTRY, JobContext, import_kinds
+from krablet.kinds import REGISTRY, JobContext, LeaseFlag, import_kinds
 from krablet.queue import Job, connect, to_json
 from krablet.shards import SHARD_DOWN_ERRORS, Shard, ShardSet
 
@@ -78,7 +78,10 @@ class Worker:
         self.unsent: dict[int, tuple[dict[int, Any], dict[int, str]]] = {}
         self.num_done = self.num_failed = self.num_lost = 0
         self._in_flight: tuple[int, list[int]] | None = None  # (shard index, job ids)
-        self._lease_lost: dict[int, threading.Event] = {}  # job id -> its handler's cancellation flag
+        # The batch in flight's ids and the subset whose lease the heartbeat found lost
+        # (each handler's ctx.cancelled() looks its id up there).
+        self._batch_ids: set[int] = set()
+        self._lease_lost: set[int] = set()
         self._lock = threading.Lock()
 
     def stop(self, *_):
@@ -142,10 +145,8 @@ class Worker:
         results, errors = self.unsent.get(shard.index, ({}, {}))
         try:
             try:
-                with q.conn.transaction():
-                    lost = q.complete_json(self.owner, results)
-                    dead, lost_f = q.fail(self.owner, errors)
-                    jobs = q.claim(self.owner, self.config.batch_size) if claim and not self.stopping else []
+                n = self.config.batch_size if claim and not self.stopping else 0
+                lost, dead, lost_f, jobs = q.sync(self.owner, results, errors, n)
             except SHARD_DOWN_ERRORS:
                 raise
             except psycopg.Error as e:
@@ -202,8 +203,10 @@ class Worker:
         results: dict[int, str] = {}  # job id -> its result as JSON text
         errors: dict[int, str] = {}
         unrun: list[int] = []
+        lost: set[int] = set()
         with self._lock:
-            flags = self._lease_lost = {job.id: threading.Event() for job in jobs}
+            self._batch_ids = {job.id for job in jobs}
+            self._lease_lost = lost
         for job in jobs:
             if self.stopping:
                 unrun.append(job.id)
@@ -212,7 +215,8 @@ class Worker:
             try:
                 if handler is None:
                     raise LookupError(f"no handler registered for kind {job.kind!r} in this worker")
-                result = handler.handler(job.payload, JobContext(job.key, job.attempts, self.owner, flags[job.id]))
+                result = handler.handler(job.payload, JobContext(job.key, job.attempts, self.owner,
+                                                                 LeaseFlag(job.id, lost)))
                 # Serialised here, so a result that is not JSON fails this job, not the batch's write.
                 results[job.id] = to_json(result, f"the result of {job.kind} job {job.key!r}")
             except Exception as e:  # the job failed, not the worker
@@ -221,7 +225,8 @@ class Worker:
         # then the heartbeat keeps their leases.
         with self._lock:
             self._in_flight = None
-            self._lease_lost = {}
+            self._batch_ids = set()
+            self._lease_lost = set()
             self.unsent[shard.index] = (results, errors)
         if unrun:
             q = shard.queue()
@@ -272,8 +277,8 @@ class Worker:
                         log.warning("heartbeat: %d jobs no longer ours on shard %d", len(ids) - len(kept), index)
                         with self._lock:
                             for job_id in ids:
-                                if job_id not in kept and job_id in self._lease_lost:
-                                    self._lease_lost[job_id].set()  # the handler's ctx.cancelled() is now true
+                                if job_id not in kept and job_id in self._batch_ids:
+                                    self._lease_lost.add(job_id)  # the handler's ctx.cancelled() is now true
                 except SHARD_DOWN_ERRORS:
                     conns.pop(index, None)
         for conn in conns.values():
