@@ -7,7 +7,7 @@ compile, optional activation checkpointing, FSDP2 over a one-GPU mesh or plain
 autocast). Variants change one setting at a time, so each change is measured against
 the one before it in the same process:
 
-    attention=sdpa|flex|cudnn|varlen   how the main blocks attend under the text key mask
+    attention=sdpa|flex|cudnn|varlen|split   how the main blocks attend under the text key mask
                                  (unset: build_dit's choice, flex for compiled CUDA blocks)
     optim=foreach|fused          AdamW kernel; fused also skips non-finite steps on the
                                  device (no grad_norm.item() host sync per step)
@@ -248,7 +248,7 @@ def kernels(model_cfg, a) -> list[dict]:
 
     Rows are laid out [image | valid text | padding], the varlen layout; the masks of the
     other kernels name the same keys."""
-    from trainer.model.attention import Cudnn, attend, key_padding, varlen_segments
+    from trainer.model.attention import Cudnn, attend, key_padding, split_key_padding, varlen_segments
 
     device = torch.device(a.device)
     side = a.image_size // 8 // model_cfg.patch_size
@@ -278,9 +278,12 @@ def kernels(model_cfg, a) -> list[dict]:
         "flex block mask (GQA in kernel)": lambda: key_padding(valid_BS, "flex"),
         "cudnn mask (enable_gqa)": lambda: key_padding(valid_BS, "cudnn"),
         "varlen flash, valid/padding segments": lambda: varlen_segments(valid_BT, L),
+        "split: flash over image keys + masked text keys, merged": lambda: split_key_padding(valid_BT),
         "flash, no mask (ceiling: not the masked function)": lambda: None,
         "cudnn, no mask (ceiling: not the masked function)": lambda: Cudnn(None),
     }
+    to_split = torch.cat((torch.arange(L, S), torch.arange(L))).to(device)
+    from_split = torch.argsort(to_split)
     fwd_flops = 4.0 * B * H * S * S * K
     rows = []
     for name, make_mask in cases.items():
@@ -288,6 +291,9 @@ def kernels(model_cfg, a) -> list[dict]:
         try:
             mask = make_mask()
             fn = lambda q_, k_, v_: attend(q_, k_, v_, mask)  # noqa: E731
+            if name.startswith("split"):  # its layout is [text | image]: the rows permuted there and back
+                fn = lambda q_, k_, v_: attend(q_[:, :, to_split], k_[:, :, to_split], v_[:, :, to_split],  # noqa: E731
+                                               mask)[:, :, from_split]
             got = grads(fn, torch.bfloat16)
             if "ceiling" not in name:
                 row["rel_err"] = [float((g - r).norm() / r.norm()) for g, r in zip(got, ref)]  # out, dq, dk, dv

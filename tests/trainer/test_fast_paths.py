@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from trainer.config import OptimizerConfig
 from trainer.loop import SkippedSteps
 from trainer.model import K2DiT, ModelConfig, positions
-from trainer.model.attention import attend, flex_key_padding, key_padding, valid_first, varlen_segments
+from trainer.model.attention import (attend, flex_key_padding, key_padding, split_key_padding, valid_first,
+                                     varlen_segments)
 from trainer.optim import EMA, build_optimizer, skips_on_device, step_unless
 from trainer.sample import trim_padding
 from tests.conftest import ROOT, train_cmd, train_env
@@ -77,6 +78,30 @@ def test_flex_attention_matches_float64_softmax_over_valid_keys():
     torch.testing.assert_close(attend(q, k_bad, v_bad, key_padding(valid, "flex")), out, rtol=1e-5, atol=1e-5)
 
 
+def test_split_attention_and_its_gradients_match_a_float64_softmax():
+    """Text keys [0, T) masked, image keys [T, S) not: two parts merged by log-sum-exp,
+    the backward given the merged output. Row 1 has no valid text key at all."""
+    gen = torch.Generator().manual_seed(1)
+    B, H, G, T, L, K = 3, 4, 2, 24, 40, 16
+    S = T + L
+    q, k, v = (torch.randn(B, n, S, K, generator=gen, requires_grad=True) for n in (H, G, G))
+    valid_text = torch.ones(B, T, dtype=torch.bool)
+    valid_text[0, 10:] = False
+    valid_text[1] = False
+    valid_text[2, ::3] = False
+    valid = torch.cat((valid_text, torch.ones(B, L, dtype=torch.bool)), dim=1)
+    grad_out = torch.randn(B, H, S, K, generator=gen)
+    ref = reference_attention(q, k, v, valid)
+    ref_grads = torch.autograd.grad((ref * grad_out.double()).sum(), (q, k, v))
+    out = attend(q, k, v, split_key_padding(valid_text))
+    grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert ((g.double() - r).norm() / r.norm()).item() < 1e-5, name
+    # Padded text keys get no gradient, and their contents do not reach the output.
+    assert grads[1][:, :, :T].masked_select(~valid_text[:, None, :, None]).abs().max() == 0
+
+
 def test_varlen_segments_attend_like_the_key_mask_on_valid_rows():
     gen = torch.Generator().manual_seed(4)
     B, H, G, L, T, K = 3, 4, 2, 40, 12, 16
@@ -119,14 +144,14 @@ def model_inputs(cfg, B=2, T=9, h=4, w=4, seed=1):
 
 
 @torch.no_grad()
-def test_model_under_flex_and_varlen_attention_matches_dense_masked_sdpa():
+def test_model_under_flex_varlen_and_split_attention_matches_dense_masked_sdpa():
     cfg = tiny_cfg()
     model = randomize_(K2DiT(cfg)).eval()
     x, text, t, pos, mask = model_inputs(cfg)
     model.attention = "sdpa"
     ref = model(x, text, t, pos, mask)
     assert ref.abs().mean() > 0.1
-    for backend in ("flex", "varlen"):  # varlen: rows reordered [image | valid text | padding]
+    for backend in ("flex", "varlen", "split"):  # varlen: rows reordered [image | valid text | padding]
         model.attention = backend
         out = model(x, text, t, pos, mask)
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5, backend

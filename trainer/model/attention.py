@@ -14,6 +14,11 @@ mask argument of `attend`:
   that are all valid run unmasked, blocks that are all padding are skipped, the one
   or two partial blocks per sample evaluate the mask; GQA inside the kernel.
 - `cudnn`: cuDNN's fused attention, which takes the boolean mask itself.
+- `split`: the keys in two parts, merged exactly by their log-sum-exps. K2DiT lays a
+  row out [text | image]: the image keys are all valid, so that part (nine tenths of
+  the keys at 1024²) runs in flash attention without a mask; only the T text keys go
+  through the masked kernel. The backward gives each part the merged output and
+  log-sum-exp (as ring attention does), so it is the gradient of one softmax.
 
 Each computes the function of the dense path (softmax over the valid keys) for every
 output that is read, so they are interchangeable; tests/trainer/test_fast_paths.py
@@ -22,8 +27,8 @@ reference there). The names below are what `K2DiT.attention` accepts.
 
 Measured on an H200 with torch 2.11 at the 2b shape (docs/BENCHMARKS.md, "GPU
 performance on one H200"): forward + backward, flex 380 TFLOP/s, cuDNN 355, dense 351,
-varlen 306, against 535 for flash without any mask. So compiled CUDA blocks use flex
-(trainer/stage.py's build_dit) and everything else the dense path.
+varlen 306, split 243, against 535 for flash without any mask. So compiled CUDA blocks
+use flex (trainer/stage.py's build_dit) and everything else the dense path.
 """
 
 from typing import NamedTuple
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("auto", "sdpa", "flex", "cudnn", "varlen")
+BACKENDS = ("auto", "sdpa", "flex", "cudnn", "varlen", "split")
 FLEX_BLOCK = 128  # FlexAttention's default tile: the granularity at which padding is skipped
 
 
@@ -54,6 +59,14 @@ class Varlen(NamedTuple):
 
     cu_seqlens: torch.Tensor  # (2B + 1,) int32 offsets: valid_0, padding_0, valid_1, ...
     max_len: int  # S, an upper bound of every segment (no host sync to find the longest)
+
+
+class Split(NamedTuple):
+    """Keys [0, T) are text, `bias_B11T` 0 where valid and -inf at padding; keys [T, S)
+    are image tokens, all valid."""
+
+    text_tokens: int
+    bias_B11T: torch.Tensor
 
 
 def _varlen_attn():
@@ -133,6 +146,12 @@ def flex_key_padding(valid_BS: torch.Tensor, block: int = FLEX_BLOCK):
                                     seq_lengths=(S, S))
 
 
+def split_key_padding(valid_text_BT: torch.Tensor) -> Split:
+    """`Split` for rows laid out [text (T) | image]: the text keys' additive mask."""
+    bias_BT = torch.zeros(valid_text_BT.shape, dtype=torch.float32, device=valid_text_BT.device)
+    return Split(valid_text_BT.shape[1], bias_BT.masked_fill(~valid_text_BT.bool(), float("-inf"))[:, None, None, :])
+
+
 _compiled_flex = None
 
 
@@ -160,6 +179,10 @@ def attend(q_BHSK: torch.Tensor, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor, mas
         return F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, enable_gqa=G != H)
     if isinstance(mask, Varlen):
         return _attend_varlen(q_BHSK, k_BGSK, v_BGSK, mask)
+    if isinstance(mask, Split):
+        if mask.text_tokens == 0:
+            return F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, enable_gqa=G != H)
+        return _SplitAttention.apply(q_BHSK, k_BGSK, v_BGSK, mask.text_tokens, mask.bias_B11T.to(q_BHSK.dtype))
     if isinstance(mask, Cudnn):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, attn_mask=mask.mask_B11S, enable_gqa=G != H)
@@ -204,3 +227,94 @@ def _takes_gqa(fn) -> bool:
     import inspect
 
     return "enable_gqa" in inspect.signature(fn).parameters
+
+
+# ---------------------------------------------------------------- split keys
+
+
+def _repeat_kv(t_BGSK: torch.Tensor, H: int) -> torch.Tensor:
+    B, G, S, K = t_BGSK.shape
+    return t_BGSK if G == H else t_BGSK[:, :, None].expand(B, G, H // G, S, K).reshape(B, H, S, K)
+
+
+def _fold_kv(t_BHSK: torch.Tensor, G: int) -> torch.Tensor:
+    """The gradient of `_repeat_kv`: each kv head's query heads summed."""
+    B, H, S, K = t_BHSK.shape
+    return t_BHSK if G == H else t_BHSK.view(B, G, H // G, S, K).sum(2)
+
+
+def _part_forward(q, k, v, bias):
+    """One key part: (output, log-sum-exp (B, H, S) float32, tensors and values the
+    backward needs)."""
+    H = q.shape[1]
+    if q.is_cuda and bias is None:
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+        return out, lse, (cq, ck, seed, offset), ("flash", mq, mk)
+    if q.is_cuda:
+        # cuDNN: the memory-efficient kernel's backward, given this bias, read out of bounds.
+        bias_BHST = bias.expand(q.shape[0], H, q.shape[2], k.shape[2])
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, _repeat_kv(k, H), _repeat_kv(v, H), bias_BHST, True)
+        return out, lse.view(q.shape[:3]), (bias, cq, ck, seed, offset), ("cudnn", mq, mk, tuple(lse.shape))
+    # Elsewhere (CPU tests): the same quantities in plain float32 arithmetic.
+    s_BHST = _scores(q, k, bias)
+    lse = torch.logsumexp(s_BHST, dim=-1)
+    p_BHST = torch.exp(s_BHST - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    out = torch.einsum("bhst,bhtk->bhsk", p_BHST, _repeat_kv(v, H).float()).to(q.dtype)
+    return out, lse, (() if bias is None else (bias,)), ("math",)
+
+
+def _scores(q, k, bias):
+    s_BHST = torch.einsum("bhsk,bhtk->bhst", q.float(), _repeat_kv(k, q.shape[1]).float()) * q.shape[-1] ** -0.5
+    return s_BHST if bias is None else s_BHST + bias.float()
+
+
+def _part_backward(grad, q, k, v, out, lse, tensors, meta):
+    """dq, dk, dv of one key part, given the merged output and log-sum-exp."""
+    H, G = q.shape[1], k.shape[1]
+    if meta[0] == "flash":
+        cq, ck, seed, offset = tensors
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse, cq, ck, meta[1], meta[2], 0.0, False, seed, offset)
+    if meta[0] == "cudnn":
+        bias, cq, ck, seed, offset = tensors
+        bias_BHST = bias.expand(q.shape[0], H, q.shape[2], k.shape[2])
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q, _repeat_kv(k, H), _repeat_kv(v, H), out, lse.reshape(meta[3]), seed, offset, bias_BHST,
+            cq, ck, meta[1], meta[2], 0.0, False)
+        return dq, _fold_kv(dk, G), _fold_kv(dv, G)
+    bias = tensors[0] if tensors else None
+    g, o = grad.float(), out.float()
+    p_BHST = torch.exp(_scores(q, k, bias) - lse[..., None])
+    dv = torch.einsum("bhst,bhsk->bhtk", p_BHST, g)
+    ds_BHST = p_BHST * (torch.einsum("bhsk,bhtk->bhst", g, _repeat_kv(v, H).float()) - (g * o).sum(-1, keepdim=True))
+    scale = q.shape[-1] ** -0.5
+    dq = torch.einsum("bhst,bhtk->bhsk", ds_BHST, _repeat_kv(k, H).float()) * scale
+    dk = torch.einsum("bhst,bhsk->bhtk", ds_BHST, q.float()) * scale
+    return dq.to(q.dtype), _fold_kv(dk, G).to(k.dtype), _fold_kv(dv, G).to(v.dtype)
+
+
+class _SplitAttention(torch.autograd.Function):
+    """Softmax attention over keys [0, T) (masked by an additive bias) and [T, S) (no
+    mask), computed as two kernels and merged by log-sum-exp; see `Split`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, T: int, bias):
+        o_img, lse_img, t_img, m_img = _part_forward(q, k[:, :, T:], v[:, :, T:], None)
+        o_txt, lse_txt, t_txt, m_txt = _part_forward(q, k[:, :, :T], v[:, :, :T], bias)
+        lse = torch.logaddexp(lse_img, lse_txt)
+        # A row with no valid text key has lse -inf there and a text output that is not a number.
+        out = (o_img.float() * torch.exp(lse_img - lse)[..., None]
+               + torch.nan_to_num(o_txt.float()) * torch.exp(lse_txt - lse)[..., None]).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *t_img, *t_txt)
+        ctx.T, ctx.n_img, ctx.meta = T, len(t_img), (m_img, m_txt)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        T, n = ctx.T, ctx.n_img
+        grad = grad.contiguous()
+        dq_i, dk_i, dv_i = _part_backward(grad, q, k[:, :, T:], v[:, :, T:], out, lse, rest[:n], ctx.meta[0])
+        dq_t, dk_t, dv_t = _part_backward(grad, q, k[:, :, :T], v[:, :, :T], out, lse, rest[n:], ctx.meta[1])
+        return dq_i + dq_t, torch.cat((dk_t, dk_i), dim=2), torch.cat((dv_t, dv_i), dim=2), None, None

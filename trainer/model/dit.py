@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.model.attention import key_padding, resolve_backend, valid_first, varlen_segments
+from trainer.model.attention import key_padding, resolve_backend, split_key_padding, valid_first, varlen_segments
 from trainer.model.config import ModelConfig
 from trainer.model.layers import Attention, RMSNorm, SwiGLU, rope_tables, timestep_embedding
 
@@ -266,7 +266,11 @@ class K2DiT(nn.Module):
             mask, image = varlen_segments(valid_BT, L), slice(0, L)
         else:
             x_BSD = torch.cat((text_BTD, self.img_in(x_BLC)), dim=1)
-            mask, image = key_padding(mask_BS, "sdpa" if backend == "varlen" else backend), slice(T, None)
+            image = slice(T, None)
+            if backend == "split" and text_mask_BT is not None:
+                mask = split_key_padding(text_mask_BT)
+            else:
+                mask = key_padding(mask_BS, "sdpa" if backend in ("varlen", "split") else backend)
 
         cos_SP, sin_SP = rope_tables(pos_S3, self.cfg.rope_axes, self.cfg.rope_theta)
         hidden_BLD = None
