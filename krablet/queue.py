@@ -229,8 +229,9 @@ SELECT array_agg(id) FROM outcomes WHERE id NOT IN (SELECT id FROM archived)
 # committed meanwhile. (One statement holding both read those rows as still
 # pending and locked them one by one to find out: a tenth slower at 4 workers.
 # Four round trips in a transaction cost the worker 60% more CPU per job at 16.)
-# Created by schema migration 4 from the two statements above: a change to them
-# needs a migration that replaces the function.
+# Created by schema migration 4 from the two statements above, and replaced by
+# every `migrate` (`python -m krablet init`), so a change to them reaches a shard
+# with its next init.
 SYNC_FUNCTION = """
 CREATE OR REPLACE FUNCTION krablet_sync(p_outcomes jsonb, p_owner text, p_n int, p_lease float8,
                                         OUT lost bigint[], OUT jobs json)

@@ -120,6 +120,12 @@ def _v3_lineage(conn: sa.Connection) -> None:
 
 def _v4_sync_function(conn: sa.Connection) -> None:
     # Complete + claim as one server-side call per batch (krablet/queue.py says why).
+    # `migrate` also replaces it on every run, so the function always follows the
+    # statements in krablet/queue.py that it is built from.
+    _replace_sync_function(conn)
+
+
+def _replace_sync_function(conn: sa.Connection) -> None:
     from krablet.queue import SYNC_FUNCTION
 
     conn.exec_driver_sql(SYNC_FUNCTION)
@@ -148,6 +154,7 @@ def migrate(dsn: str) -> int:
                 if version not in done:
                     step(conn)
                     conn.execute(schema_version.insert().values(version=version))
+            _replace_sync_function(conn)
         return SCHEMA_VERSION
     finally:
         engine.dispose()
