@@ -7,6 +7,7 @@ before it runs and freed after, and the root unit holds the embeddings and
 final layer.
 """
 
+import atexit
 import os
 import warnings
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ class Dist:
         return box[0]
 
 
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(cfg: ParallelConfig, device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -90,6 +96,10 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto") -> Dist:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        # Torn down before the interpreter's own teardown: a gloo group left to die with
+        # the process aborted it now and then ("terminate called without an active
+        # exception") after the run had finished and saved its checkpoint.
+        atexit.register(_destroy_process_group)
     if cfg.dp_replicate > 0:
         replicate = cfg.dp_replicate
         shard = cfg.dp_shard if cfg.dp_shard > 0 else world_size // replicate
