@@ -85,6 +85,10 @@ class StageConfig:
     global_batch_size: int = 32  # samples per optimizer step, all ranks together
     micro_batch_size: int = 32  # samples per rank per forward; accumulation fills the rest
     ema_decay: float = 0.999  # 0 disables EMA
+    # Dotted keys this stage cannot run without (e.g. data.weights for midtraining): a
+    # run that leaves one null stops before it starts, naming it. (`???` in a stage
+    # file cannot say this: a merge keeps the value an earlier config gave the key.)
+    requires: list[str] = field(default_factory=list)
     flow: FlowConfig = field(default_factory=FlowConfig)
     # iREPA representation alignment; read only by objective flow_repa.
     repa: RepaConfig = field(default_factory=RepaConfig)

@@ -50,6 +50,14 @@ def to_config(cfg: DictConfig) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown key {', '.join(unknown)}: not in the schema (trainer/config.py), "
                          "so nothing would read it")
+    missing = set(OmegaConf.missing_keys(cfg))
+    for key in cfg.stage.get("requires") or []:
+        if OmegaConf.select(cfg, key, throw_on_missing=False) is None and not OmegaConf.is_missing(cfg, key):
+            missing.add(key)
+    if missing:
+        missing = sorted(missing)
+        raise ValueError(f"{', '.join(missing)} must be set: stage {cfg.stage.name!r} cannot run without "
+                         f"{'them' if len(missing) > 1 else 'it'} (e.g. {missing[0]}=...)")
     return OmegaConf.to_object(cfg)
 
 

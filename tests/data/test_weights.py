@@ -336,7 +336,7 @@ def test_stage_midtrain_draws_by_the_weights_and_a_bad_file_touches_no_checkpoin
     overrides = ["experiment=test_tiny", "stage=midtrain", f"data.path={shard_dir}", f"data.weights={path}",
                  "data.epoch_size=16", "data.text_len=24", "data.image_size=32", "data.num_workers=0",
                  f"run_root={tmp_path / 'runs'}", "name=mid", "deterministic=false", "stage.steps=3",
-                 "checkpoint.every=3"]
+                 "checkpoint.every=3", "stage.requires=[data.weights]"]  # from random weights: no base run
     with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
         cfg = to_config(compose("train", overrides=overrides))
     cfg.validate(world_size=1)

@@ -87,6 +87,26 @@ def test_every_shipped_experiment_and_model_composes_and_validates():
             OmegaConf.to_object(compose("train", overrides=[f"model={name}"])).model.validate()
 
 
+def test_a_value_the_stage_cannot_run_without_is_named_when_left_unset():
+    """stage=midtrain without data.weights once trained unweighted, silently."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.train import to_config
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+        cfg = compose("train", overrides=["stage=midtrain", "data.path=/shards", "checkpoint.init_from=/runs/prev"])
+        with pytest.raises(ValueError, match=r"^data\.weights must be set: stage 'midtrain' cannot run without it \(e\.g\. data\.weights=\.\.\.\)"):
+            to_config(cfg)
+        cfg = compose("train", overrides=["stage=midtrain", "data.path=/shards"])
+        with pytest.raises(ValueError, match=r"^checkpoint\.init_from, data\.weights must be set: stage 'midtrain' cannot run without them"):
+            to_config(cfg)
+        cfg = compose("train", overrides=["stage=midtrain", "data.path=/shards", "checkpoint.init_from=/runs/prev",
+                                          "data.weights=/shards/weights.npz"])
+        assert to_config(cfg).data.weights == "/shards/weights.npz"
+        with pytest.raises(ValueError, match=r"^checkpoint\.init_from must be set: stage 'pretrain_512'"):
+            to_config(compose("train", overrides=["experiment=res_512", "data.path=/shards"]))
+
+
 def test_stage_settings_are_checked_with_the_config(run_root):
     """Stage settings fail before any work starts — in the trainer and in `slurm.submit --dry-run`."""
     out = _fails("experiment=test_tiny", f"run_root={run_root}", "stage=pretrain_256_repa", "stage.repa.block=99")
