@@ -44,7 +44,7 @@ from data.config import DataConfig
 from data.sources import build_data
 from trainer.config import OptimizerConfig, ParallelConfig, TrainConfig
 from trainer.model import flops_per_sample
-from trainer.parallel import Dist, parallelize
+from trainer.parallel import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = [
@@ -124,7 +124,7 @@ def train_config(model_cfg, a, v: dict) -> TrainConfig:
     cfg.stage.steps, cfg.stage.global_batch_size, cfg.stage.micro_batch_size = 10**6, batch, batch
     cfg.optimizer = OptimizerConfig(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.01)
     cfg.parallel = ParallelConfig(param_dtype="bfloat16" if torch.device(a.device).type == "cuda" else "float32",
-                                  activation_checkpoint=v["ac"], compile=a.compile)
+                                  activation_checkpoint=v["ac"], compile=a.compile, float8=v["float8"] == "1")
     return cfg
 
 
@@ -141,12 +141,7 @@ def build_stage(model_cfg, a, v: dict):
     d = one_gpu_mesh(device) if v["fsdp"] == "1" else Dist(0, 1, 0, device, None)
     data = build_data(cfg.data, "/tmp/k2_full_step_assets", cfg.stage.micro_batch_size, 0, 1, device,
                       model_cfg.text_dim)
-    float8 = v["float8"] == "1"
-    stage_mod.parallelize = lambda model, pcfg, dist: parallelize(model, pcfg, dist, float8=float8)
-    try:
-        stage = stage_mod.FlowStage(cfg, d, data, None)
-    finally:
-        stage_mod.parallelize = parallelize
+    stage = stage_mod.FlowStage(cfg, d, data, None)  # float8 through parallel.float8, as the trainer does
     if v["attention"]:  # else build_dit's choice: flex for compiled CUDA blocks, dense otherwise
         stage.model.attention = v["attention"]
     t = stage.trainables["model"]

@@ -160,7 +160,10 @@ def build_dit(cfg: TrainConfig, d: Dist, *, model_cfg: ModelConfig | None = None
         # FlexAttention under the text mask: traced into each compiled block, faster than the
         # dense masked kernel there (trainer/model/attention.py); uncompiled models keep it dense.
         model.attention = "flex"
-    model = parallelize(model, cfg.parallel if trainable else replace(cfg.parallel, activation_checkpoint="none"), d)
+    if cfg.parallel.float8 and trainable and d.device.type != "cuda":
+        raise ValueError(f"parallel.float8=true needs a CUDA device (float8 GEMMs); this run is on {d.device}")
+    model = parallelize(model, cfg.parallel if trainable else replace(cfg.parallel, activation_checkpoint="none"), d,
+                        float8=cfg.parallel.float8 and trainable)
     info = {
         "config": asdict(model_cfg),
         "lora": {"rank": lora.rank, "alpha": alpha_of(lora), "targets": list(lora.targets),

@@ -141,6 +141,7 @@ BAD_VALUES = [
     ("optimizer.lr=-1e-3", "optimizer.lr must be > 0"),
     ("optimizer.betas=[0.9]", "optimizer.betas must be two numbers"),  # IndexError inside torch
     ("device=tpu", "device must be auto|cpu|cuda"),  # ran on the CPU
+    ("parallel.float8=true", "parallel.float8=true needs device=cuda"),  # torchao float8 GEMMs are CUDA-only
 ]
 BASE = ["model=tiny", "device=cpu", "name=bad", "stage.steps=2", "stage.global_batch_size=2",
         "stage.micro_batch_size=2", "log.tensorboard=false"]
