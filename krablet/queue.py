@@ -394,19 +394,12 @@ class ShardQueue:
         """Record failed attempts; returns (ids now dead, ids lost)."""
         if not errors:
             return [], []
-        return self._fail_outcome(self._execute_fail(owner, errors), errors)
-
-    def _execute_fail(self, owner: str, errors: dict[int, str]) -> psycopg.Cursor:
         ids = list(errors)
-        return self.conn.execute(_FAIL, {
+        rows = self.conn.execute(_FAIL, {
             "ids": ids, "errors": [_storable_text(errors[i]) for i in ids], "owner": owner,
-            "base": self.backoff_base_s, "cap": self.backoff_cap_s})
-
-    @staticmethod
-    def _fail_outcome(cursor: psycopg.Cursor, errors: dict[int, str]) -> tuple[list[int], list[int]]:
-        rows = cursor.fetchall()
+            "base": self.backoff_base_s, "cap": self.backoff_cap_s}).fetchall()
         seen = {r[0] for r in rows}
-        return [r[0] for r in rows if r[1] == "dead"], [i for i in errors if i not in seen]
+        return [r[0] for r in rows if r[1] == "dead"], [i for i in ids if i not in seen]
 
     def release(self, owner: str, ids: list[int]) -> list[int]:
         """Give jobs back to pending without counting the attempt; returns the ids released."""

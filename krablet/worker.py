@@ -78,9 +78,8 @@ class Worker:
         self.unsent: dict[int, tuple[dict[int, Any], dict[int, str]]] = {}
         self.num_done = self.num_failed = self.num_lost = 0
         self._in_flight: tuple[int, list[int]] | None = None  # (shard index, job ids)
-        # The batch in flight's ids and the subset whose lease the heartbeat found lost
-        # (each handler's ctx.cancelled() looks its id up there).
-        self._batch_ids: set[int] = set()
+        # Ids whose lease the heartbeat found lost, one set per batch: each handler's
+        # ctx.cancelled() looks its own id up there.
         self._lease_lost: set[int] = set()
         self._lock = threading.Lock()
 
@@ -205,7 +204,6 @@ class Worker:
         unrun: list[int] = []
         lost: set[int] = set()
         with self._lock:
-            self._batch_ids = {job.id for job in jobs}
             self._lease_lost = lost
         for job in jobs:
             if self.stopping:
@@ -225,7 +223,6 @@ class Worker:
         # then the heartbeat keeps their leases.
         with self._lock:
             self._in_flight = None
-            self._batch_ids = set()
             self._lease_lost = set()
             self.unsent[shard.index] = (results, errors)
         if unrun:
@@ -277,8 +274,8 @@ class Worker:
                         log.warning("heartbeat: %d jobs no longer ours on shard %d", len(ids) - len(kept), index)
                         with self._lock:
                             for job_id in ids:
-                                if job_id not in kept and job_id in self._batch_ids:
-                                    self._lease_lost.add(job_id)  # the handler's ctx.cancelled() is now true
+                                if job_id not in kept:
+                                    self._lease_lost.add(job_id)  # its handler's ctx.cancelled() is now true
                 except SHARD_DOWN_ERRORS:
                     conns.pop(index, None)
         for conn in conns.values():
