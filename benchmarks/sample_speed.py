@@ -7,11 +7,13 @@ run four ways, each in trainer.flow.euler_sample from the same noise and text:
                (dense masked SDPA): the sampler before this work
     fast       trainer.sample.fast_sampling: padding dropped (trim_padding, exact), flash
                attention without a mask, blocks compiled
-    float8     fast + float8 block linears (torchao, per-row weight and per-token activation scales)
+    float8     fast + float8 block linears (torchao; --float8 row: a scale per weight row and
+               activation token, --float8 tensor: one per tensor)
     diffusers  Krea2Transformer2DModel with the same weights, blocks compiled, the padded
                prompt and mask as diffusers' Krea 2 pipeline passes them
 
-Latency is the median of --reps runs after a warm-up run (which compiles). Each
+Latency is the median of --reps runs after a warm-up run (which compiles; its time is
+first_run_s). Each
 variant's final latents are compared with plain's: ‖x − x_plain‖ / ‖x_plain‖.
 
     python benchmarks/sample_speed.py --model 12b --sizes 1024 2048
@@ -48,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--valid-text", type=int, default=300)
     p.add_argument("--steps", type=int, default=TURBO_STEPS)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--float8", default="row", choices=("row", "tensor"),
+                   help="float8 scales: one per weight row and activation token, or one per tensor")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.tiny:
@@ -100,7 +104,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_sampling(velocity, noise, tokens, a) -> tuple[float, torch.Tensor]:
+def time_sampling(velocity, noise, tokens, a) -> tuple[float, float, torch.Tensor]:
     runs = []
     for _ in range(1 + a.reps):
         sync(noise.device)
@@ -109,7 +113,7 @@ def time_sampling(velocity, noise, tokens, a) -> tuple[float, torch.Tensor]:
         sync(noise.device)
         runs.append(time.perf_counter() - t0)
     timed = sorted(runs[1:])
-    return timed[len(timed) // 2], x
+    return timed[len(timed) // 2], runs[0], x
 
 
 def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
@@ -145,15 +149,16 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
                     fast_sampling(model, attention="sdpa", compile=device.type == "cuda")
                     args = (text, pos, mask)
                 else:
-                    fast_sampling(model, float8=variant == "float8", compile=device.type == "cuda",
+                    fast_sampling(model, float8=a.float8 if variant == "float8" else None,
+                                  compile=device.type == "cuda",
                                   attention="flex" if device.type == "cuda" else "sdpa")
                     args = (short_text, short_pos, short_mask)
 
                 def velocity(x, t, cond, args=args):
                     return model(x.to(torch.bfloat16), args[0], t, args[1], args[2]).float()
 
-            seconds, x = time_sampling(velocity, noise, L, a)
-            row.update(seconds=seconds, forward_s=seconds / a.steps,
+            seconds, first_s, x = time_sampling(velocity, noise, L, a)
+            row.update(seconds=seconds, first_run_s=first_s, forward_s=seconds / a.steps,
                        tflops=fwd_tflop * a.steps / seconds)
             if reference is None:
                 reference = x

@@ -140,11 +140,12 @@ def trim_padding(text_BTKD: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.
     return text_BTKD, None if bool(mask_BT.all()) else mask_BT
 
 
-def fast_sampling(model: nn.Module, *, compile: bool = True, float8: bool = False,
+def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool | None = None,
                   attention: str | None = "flex") -> nn.Module:
     """Prepares `model` (K2DiT, on CUDA) for sampling speed, in place: bf16 weights,
-    optionally float8 block linears (torchao: weights quantised once per output row,
-    activations per token at every call), the attention kernel for padded batches (flex;
+    optionally float8 block linears (torchao: weights quantised once, activations at every
+    call; ``float8="row"`` (or True) scales per weight row and activation token, ``"tensor"``
+    once per tensor), the attention kernel for padded batches (flex;
     an unpadded one runs flash attention either way), and each block compiled.
 
     float8 changes the numbers (benchmarks/sample_speed.py measures by how much against
@@ -152,13 +153,17 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: bool = Fals
     """
     model.to(torch.bfloat16).eval().requires_grad_(False)
     if float8:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+        if float8 not in (True, "row", "tensor"):
+            raise ValueError(f"float8 must be 'row' or 'tensor', got {float8!r}")
+        granularity = PerTensor() if float8 == "tensor" else PerRow()
 
         def eligible(m: nn.Module, fqn: str) -> bool:
             return isinstance(m, nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0
 
         for block in model.blocks:
-            quantize_(block, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=eligible)
+            quantize_(block, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=eligible)
     if attention is not None:
         model.attention = attention
     if compile:
