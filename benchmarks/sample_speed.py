@@ -52,6 +52,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--float8", default="row", choices=("row", "tensor"),
                    help="float8 scales: one per weight row and activation token, or one per tensor")
+    p.add_argument("--attention", default="flex", choices=("flex", "cudnn", "sdpa"),
+                   help="fast and float8: the attention backend (an unpadded prompt runs flex and sdpa as flash)")
+    p.add_argument("--graphs", action="store_true", help="fast and float8: compiled blocks replayed as CUDA graphs")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one sampling run per variant and record its top device kernels")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.tiny:
@@ -116,6 +121,29 @@ def time_sampling(velocity, noise, tokens, a) -> tuple[float, float, torch.Tenso
     return timed[len(timed) // 2], runs[0], x
 
 
+def profile_sampling(velocity, noise, tokens, a, top: int = 15) -> list[dict]:
+    """The kernels of one sampling run (device kernels on CUDA, operators on CPU), most
+    time first: name, ms, calls, share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = noise.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        euler_sample(velocity, noise, tokens, a.steps, 0.0, TURBO_MU)
+        sync(noise.device)
+
+    def self_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = sorted((e for e in prof.key_averages() if self_us(e) > 0), key=lambda e: -self_us(e))
+    total = sum(self_us(e) for e in events)
+    rows = [{"kernel": e.key[:120], "ms": self_us(e) / 1e3, "calls": e.count, "share": self_us(e) / total}
+            for e in events[:top]]
+    print(f"  kernel total {total / 1e3:.1f} ms")
+    for r in rows:
+        print(f"  {r['ms']:8.2f} ms {r['share']:6.1%} {r['calls']:5d}  {r['kernel'][:100]}")
+    return rows
+
+
 def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
     cfg = model.cfg
     side = size // 8
@@ -150,8 +178,8 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
                     args = (text, pos, mask)
                 else:
                     fast_sampling(model, float8=a.float8 if variant == "float8" else None,
-                                  compile=device.type == "cuda",
-                                  attention="flex" if device.type == "cuda" else "sdpa")
+                                  compile=device.type == "cuda", cuda_graphs=a.graphs,
+                                  attention=a.attention if device.type == "cuda" else "sdpa")
                     args = (short_text, short_pos, short_mask)
 
                 def velocity(x, t, cond, args=args):
@@ -160,6 +188,8 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
             seconds, first_s, x = time_sampling(velocity, noise, L, a)
             row.update(seconds=seconds, first_run_s=first_s, forward_s=seconds / a.steps,
                        tflops=fwd_tflop * a.steps / seconds)
+            if a.profile:
+                row["top_kernels"] = profile_sampling(velocity, noise, L, a)
             if reference is None:
                 reference = x
             row["rel_err_vs_first"] = float((x - reference).norm() / reference.norm())

@@ -141,12 +141,13 @@ def trim_padding(text_BTKD: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.
 
 
 def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool | None = None,
-                  attention: str | None = "flex") -> nn.Module:
+                  attention: str | None = "flex", cuda_graphs: bool = False) -> nn.Module:
     """Prepares `model` (K2DiT, on CUDA) for sampling speed, in place: bf16 weights,
     optionally float8 block linears (torchao: weights quantised once, activations at every
     call; ``float8="row"`` (or True) scales per weight row and activation token, ``"tensor"``
     once per tensor), the attention kernel for padded batches (flex;
-    an unpadded one runs flash attention either way), and each block compiled.
+    an unpadded one runs flash attention either way), and each block compiled
+    (`cuda_graphs`: and replayed as a CUDA graph, torch.compile's "reduce-overhead").
 
     float8 changes the numbers (benchmarks/sample_speed.py measures by how much against
     bf16); the rest computes the same function as the plain model.
@@ -171,7 +172,7 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool 
 
         for blocks in shardable_blocks(model):
             for i, block in enumerate(blocks):
-                blocks[i] = torch.compile(block, fullgraph=True)
+                blocks[i] = torch.compile(block, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
     return model
 
 
