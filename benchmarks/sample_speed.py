@@ -6,7 +6,7 @@ run four ways, each in trainer.flow.euler_sample from the same noise and text:
     plain      K2DiT bf16, blocks compiled, the prompt padded to --text-len with its mask
                (dense masked SDPA): the sampler before this work
     fast       trainer.sample.fast_sampling: padding dropped (trim_padding, exact), flash
-               attention without a mask, blocks compiled
+               attention without a mask, q/k/v/gate and w_gate/w_up fused, blocks compiled
     float8     fast + float8 block linears (torchao; --float8 row: a scale per weight row and
                activation token, --float8 tensor: one per tensor)
     diffusers  Krea2Transformer2DModel with the same weights, blocks compiled, the padded
@@ -33,7 +33,7 @@ from train_step import load_config
 from trainer.flow import euler_sample
 from trainer.model import K2DiT, flops_per_sample, positions
 from trainer.model.interop import config_to_diffusers, to_diffusers_state_dict
-from trainer.sample import TURBO_MU, TURBO_STEPS, fast_sampling, trim_padding
+from trainer.sample import TURBO_MU, TURBO_STEPS, fast_sampling, trim_padding, unfuse_projections
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "fast", "diffusers", "float8")  # float8 last: it quantises the weights in place
@@ -54,6 +54,10 @@ def parse_args() -> argparse.Namespace:
                    help="float8 scales: one per weight row and activation token, or one per tensor")
     p.add_argument("--attention", default="flex", choices=("flex", "cudnn", "sdpa"),
                    help="fast and float8: the attention backend (an unpadded prompt runs flex and sdpa as flash)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="fast and float8: keep q/k/v/gate and w_gate/w_up as separate linears")
+    p.add_argument("--no-cudnn-attention", action="store_true",
+                   help="SDPA without cuDNN's kernel (unmasked calls then run flash attention)")
     p.add_argument("--graphs", action="store_true", help="fast and float8: compiled blocks replayed as CUDA graphs")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one sampling run per variant and record its top device kernels")
@@ -94,12 +98,13 @@ def diffusers_twin(model: K2DiT, device):
 
 
 def uncompiled(model: K2DiT) -> K2DiT:
-    """The model with its compiled blocks swapped back for the originals."""
+    """The model with its compiled blocks swapped back for the originals, its projections unfused."""
     from trainer.parallel import shardable_blocks
 
     for blocks in shardable_blocks(model):
         for i, block in enumerate(blocks):
             blocks[i] = getattr(block, "_orig_mod", block)
+    unfuse_projections(model)
     model.attention = "auto"
     return model
 
@@ -174,11 +179,11 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
                 uncompiled(model)
                 if variant == "plain":
                     model.attention = "sdpa"
-                    fast_sampling(model, attention="sdpa", compile=device.type == "cuda")
+                    fast_sampling(model, attention="sdpa", compile=device.type == "cuda", fuse=False)
                     args = (text, pos, mask)
                 else:
                     fast_sampling(model, float8=a.float8 if variant == "float8" else None,
-                                  compile=device.type == "cuda", cuda_graphs=a.graphs,
+                                  compile=device.type == "cuda", cuda_graphs=a.graphs, fuse=not a.no_fuse,
                                   attention=a.attention if device.type == "cuda" else "sdpa")
                     args = (short_text, short_pos, short_mask)
 
@@ -210,6 +215,8 @@ def main() -> None:
     device = torch.device(a.device)
     cfg = load_config(argparse.Namespace(tiny=a.tiny, model=a.model))
     model = random_model(cfg, device)
+    if a.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     torch._dynamo.config.cache_size_limit = 64
     out = Path(a.out or ROOT / f"benchmarks/results/sample_speed_{cfg.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

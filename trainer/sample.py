@@ -140,9 +140,27 @@ def trim_padding(text_BTKD: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.
     return text_BTKD, None if bool(mask_BT.all()) else mask_BT
 
 
+def fuse_projections(model: nn.Module) -> int:
+    """Every attention's q, k, v and gate, and every SwiGLU's w_gate and w_up, as one
+    linear each (inference only: the state dict changes). Modules whose linears are not
+    plain (LoRA, float8) stay as they are. Returns how many were fused."""
+    from trainer.model.layers import Attention, SwiGLU
+
+    return sum(m.fuse() for m in list(model.modules()) if isinstance(m, (Attention, SwiGLU)))
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """The inverse of `fuse_projections`: the separate linears (and the release state dict) again."""
+    from trainer.model.layers import Attention, SwiGLU
+
+    return sum(m.unfuse() for m in list(model.modules()) if isinstance(m, (Attention, SwiGLU)))
+
+
 def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool | None = None,
-                  attention: str | None = "flex", cuda_graphs: bool = False) -> nn.Module:
+                  attention: str | None = "flex", cuda_graphs: bool = False, fuse: bool = True) -> nn.Module:
     """Prepares `model` (K2DiT, on CUDA) for sampling speed, in place: bf16 weights,
+    `fuse`: the projections of one input as one linear (q, k, v and gate; w_gate and w_up:
+    wider GEMMs, the same function, another state dict: `fuse_projections`),
     optionally float8 block linears (torchao: weights quantised once, activations at every
     call; ``float8="row"`` (or True) scales per weight row and activation token, ``"tensor"``
     once per tensor), the attention kernel for padded batches (flex;
@@ -153,6 +171,8 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool 
     bf16); the rest computes the same function as the plain model.
     """
     model.to(torch.bfloat16).eval().requires_grad_(False)
+    if fuse:
+        fuse_projections(model)
     if float8:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 

@@ -17,7 +17,7 @@ from trainer.model import K2DiT, ModelConfig, positions
 from trainer.model.attention import (attend, flex_key_padding, key_padding, split_key_padding, valid_first,
                                      varlen_segments)
 from trainer.optim import EMA, build_optimizer, skips_on_device, step_unless
-from trainer.sample import trim_padding
+from trainer.sample import fuse_projections, trim_padding, unfuse_projections
 from tests.conftest import ROOT, train_cmd, train_env
 from trainer.checkpoint import list_checkpoints
 from trainer.stage import FlowStage, Trainable, update
@@ -185,6 +185,35 @@ def test_trimmed_padding_gives_the_padded_velocity():
     holes[0, 1] = False
     _, holes_mask = trim_padding(text, holes)
     assert holes_mask.tolist() == holes[:, :5].tolist()
+
+
+def test_fused_projections_give_the_unfused_velocity_in_float64():
+    cfg = tiny_cfg()
+    model = randomize_(K2DiT(cfg), seed=4).double().eval()
+    x, text, t, pos, mask = (a.double() if a.is_floating_point() else a for a in model_inputs(cfg))
+    with torch.no_grad():
+        ref = model(x, text, t, pos, mask)
+        unfused = sum(p.numel() for p in model.parameters())
+        blocks = cfg.num_blocks + cfg.num_layerwise_blocks + cfg.num_refiner_blocks
+        assert fuse_projections(model) == 2 * blocks  # an attention and a SwiGLU per block
+        assert fuse_projections(model) == 0  # once
+        names = set(dict(model.named_parameters()))
+        assert "blocks.0.attn.qkvg.weight" in names and "blocks.0.attn.q.weight" not in names
+        assert "blocks.0.mlp.w_gate_up.weight" in names and "blocks.0.mlp.w_up.weight" not in names
+        assert sum(p.numel() for p in model.parameters()) == unfused
+        torch.testing.assert_close(model(x, text, t, pos, mask), ref, rtol=1e-12, atol=1e-12)
+        assert unfuse_projections(model) == 2 * blocks
+        assert sorted(model.state_dict()) == sorted(K2DiT(cfg).state_dict())  # the release names again
+        torch.testing.assert_close(model(x, text, t, pos, mask), ref, rtol=0, atol=0)
+
+
+def test_fusing_leaves_lora_adapted_projections_alone():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = tiny_cfg()
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["q", "w_up"]), randomize_(K2DiT(cfg), seed=5))
+    assert fuse_projections(model) == 0
+    assert all(hasattr(b.attn, "q") and hasattr(b.mlp, "w_up") for b in model.blocks)
 
 
 def _params(seed=0, n=3):

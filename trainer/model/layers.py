@@ -42,9 +42,54 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.w_gate_up = None  # set by `fuse`
+
+    def fuse(self) -> bool:
+        """Inference: w_gate and w_up as one linear (one wider GEMM). The same function;
+        the separate weights are dropped, so the state dict changes. False (nothing done)
+        when either is not a plain Linear (a LoRA layer, a float8 one)."""
+        if self.w_gate_up is not None or not _plain_linears(self.w_gate, self.w_up):
+            return False
+        self.w_gate_up = _concat_linears(self.w_gate, self.w_up)
+        del self.w_gate, self.w_up
+        return True
+
+    def unfuse(self) -> bool:
+        """The inverse of `fuse`: w_gate and w_up again (the release state dict)."""
+        if self.w_gate_up is None or not _plain_linears(self.w_gate_up):
+            return False
+        self.w_gate, self.w_up = _split_linear(self.w_gate_up, 2 * (self.w_down.in_features,))
+        self.w_gate_up = None
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w_gate_up is not None:
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+def _plain_linears(*modules: nn.Module) -> bool:
+    return all(type(m) is nn.Linear and m.bias is None for m in modules)
+
+
+@torch.no_grad()
+def _concat_linears(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free Linear whose output is the outputs of `linears`, concatenated."""
+    w = torch.cat([m.weight for m in linears])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=linears[0].weight.requires_grad)
+    return fused
+
+
+@torch.no_grad()
+def _split_linear(fused: nn.Linear, sizes: tuple[int, ...]) -> list[nn.Linear]:
+    parts = []
+    for w in fused.weight.split(sizes):
+        part = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        part.weight = nn.Parameter(w.clone(), requires_grad=fused.weight.requires_grad)
+        parts.append(part)
+    return parts
 
 
 # ---------------------------------------------------------------- rotary embedding
@@ -105,6 +150,26 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        self.qkvg = None  # set by `fuse`
+
+    def fuse(self) -> bool:
+        """Inference: q, k, v and gate as one linear of the same input (one wider GEMM).
+        The same function; the separate weights are dropped, so the state dict changes.
+        False (nothing done) when one of them is not a plain Linear (LoRA, float8)."""
+        if self.qkvg is not None or not _plain_linears(self.q, self.k, self.v, self.gate):
+            return False
+        self.qkvg = _concat_linears(self.q, self.k, self.v, self.gate)
+        del self.q, self.k, self.v, self.gate
+        return True
+
+    def unfuse(self) -> bool:
+        """The inverse of `fuse`: q, k, v and gate again (the release state dict)."""
+        if self.qkvg is None or not _plain_linears(self.qkvg):
+            return False
+        H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
+        self.q, self.k, self.v, self.gate = _split_linear(self.qkvg, (H * K, G * K, G * K, H * K))
+        self.qkvg = None
+        return True
 
     def forward(
         self,
@@ -117,9 +182,13 @@ class Attention(nn.Module):
         trainer/model/attention.py (FlexAttention, cuDNN)."""
         B, S, _ = x_BSD.shape
         H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BHSK = self.q_norm(self.q(x_BSD).view(B, S, H, K)).transpose(1, 2)
-        k_BGSK = self.k_norm(self.k(x_BSD).view(B, S, G, K)).transpose(1, 2)
-        v_BGSK = self.v(x_BSD).view(B, S, G, K).transpose(1, 2)
+        if self.qkvg is not None:
+            q_BSD, k_BSD, v_BSD, gate_BSD = self.qkvg(x_BSD).split((H * K, G * K, G * K, H * K), dim=-1)
+        else:
+            q_BSD, k_BSD, v_BSD, gate_BSD = self.q(x_BSD), self.k(x_BSD), self.v(x_BSD), None
+        q_BHSK = self.q_norm(q_BSD.reshape(B, S, H, K)).transpose(1, 2)
+        k_BGSK = self.k_norm(k_BSD.reshape(B, S, G, K)).transpose(1, 2)
+        v_BGSK = v_BSD.reshape(B, S, G, K).transpose(1, 2)
         if cos_SP is not None:
             q_BHSK = apply_rope(q_BHSK, cos_SP, sin_SP)
             k_BGSK = apply_rope(k_BGSK, cos_SP, sin_SP)
@@ -127,7 +196,7 @@ class Attention(nn.Module):
         o_BHSK = attend(q_BHSK, k_BGSK, v_BGSK, mask)
 
         o_BSD = o_BHSK.transpose(1, 2).reshape(B, S, H * K)
-        return self.out(o_BSD * torch.sigmoid(self.gate(x_BSD)))
+        return self.out(o_BSD * torch.sigmoid(self.gate(x_BSD) if gate_BSD is None else gate_BSD))
 
 
 # ---------------------------------------------------------------- timestep
