@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from profiling import print_profile, profile_kernels
 from train_step import load_config
 
 from trainer.flow import euler_sample
@@ -126,27 +127,12 @@ def time_sampling(velocity, noise, tokens, a) -> tuple[float, float, torch.Tenso
     return timed[len(timed) // 2], runs[0], x
 
 
-def profile_sampling(velocity, noise, tokens, a, top: int = 15) -> list[dict]:
-    """The kernels of one sampling run (device kernels on CUDA, operators on CPU), most
-    time first: name, ms, calls, share of the total."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = noise.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        euler_sample(velocity, noise, tokens, a.steps, 0.0, TURBO_MU)
-        sync(noise.device)
-
-    def self_us(e) -> float:
-        return e.self_device_time_total if cuda else e.self_cpu_time_total
-
-    events = sorted((e for e in prof.key_averages() if self_us(e) > 0), key=lambda e: -self_us(e))
-    total = sum(self_us(e) for e in events)
-    rows = [{"kernel": e.key[:120], "ms": self_us(e) / 1e3, "calls": e.count, "share": self_us(e) / total}
-            for e in events[:top]]
-    print(f"  kernel total {total / 1e3:.1f} ms")
-    for r in rows:
-        print(f"  {r['ms']:8.2f} ms {r['share']:6.1%} {r['calls']:5d}  {r['kernel'][:100]}")
-    return rows
+def profile_sampling(velocity, noise, tokens, a) -> dict:
+    """One sampling run's kernels (benchmarks/profiling.py), printed and returned."""
+    rows, summary = profile_kernels(lambda: euler_sample(velocity, noise, tokens, a.steps, 0.0, TURBO_MU),
+                                    noise.device)
+    print_profile(rows, summary)
+    return {**summary, "top_kernels": rows}
 
 
 def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
@@ -194,7 +180,7 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
             row.update(seconds=seconds, first_run_s=first_s, forward_s=seconds / a.steps,
                        tflops=fwd_tflop * a.steps / seconds)
             if a.profile:
-                row["top_kernels"] = profile_sampling(velocity, noise, L, a)
+                row["profile"] = profile_sampling(velocity, noise, L, a)
             if reference is None:
                 reference = x
             row["rel_err_vs_first"] = float((x - reference).norm() / reference.norm())

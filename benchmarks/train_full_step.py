@@ -29,6 +29,7 @@ MFU = trainer.model.flops_per_sample × samples/s ÷ 989 TFLOP/s (no credit for 
 
 import argparse
 import gc
+import functools
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from profiling import print_profile, profile_kernels
 from train_step import build as build_reference
 from train_step import load_config, make_batch, step as reference_step
 
@@ -79,6 +81,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=0, help="skip variants that would start after this many seconds")
     p.add_argument("--eager", action="store_true", help="no torch.compile (the loss curve needs none)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one step of each variant: its top kernels and time by kind")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/train_full_step.json"))
     a = p.parse_args()
     if a.tiny:
@@ -181,6 +185,10 @@ def run_variant(model_cfg, a, text: str) -> dict:
         "warmup_s": warm_s, "loss": float(values["loss"]), "grad_norm": float(values["grad_norm"]),
         "skipped": bool(values["skipped"]),
     }
+    if a.profile:
+        rows, summary = profile_kernels(functools.partial(stage.step, a.warmup + a.steps), device, top=20)
+        print_profile(rows, summary)
+        result["profile"] = {**summary, "top_kernels": rows}
     del stage, values
     gc.collect()
     if cuda:
