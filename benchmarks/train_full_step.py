@@ -14,6 +14,7 @@ the one before it in the same process:
     fsdp=0|1                     FSDP2 over a 1-GPU mesh (bf16 params) or fp32 params under autocast
     ac=none|full                 per-block activation checkpointing
     float8=0|1                   torchao float8 (tensorwise) training for the block linears
+    concat=0|1                   q/k/v/gate and w_gate/w_up as one GEMM each (concat_weights)
     batch=N                      samples per step
 
 The variant `diffusers` is diffusers' Krea2Transformer2DModel: a compiled forward +
@@ -60,7 +61,7 @@ DEFAULT_VARIANTS = [
     "attention=varlen,optim=fused,fsdp=1",
     "attention=varlen,optim=fused,ac=full",
 ]
-SETTINGS = {"attention": None, "optim": "fused", "fsdp": "0", "ac": "none", "float8": "0", "batch": None}
+SETTINGS = {"attention": None, "optim": "fused", "fsdp": "0", "ac": "none", "float8": "0", "concat": "0", "batch": None}
 
 
 def parse_args() -> argparse.Namespace:
@@ -148,6 +149,12 @@ def build_stage(model_cfg, a, v: dict):
     stage = stage_mod.FlowStage(cfg, d, data, None)  # float8 through parallel.float8, as the trainer does
     if v["attention"]:  # else build_dit's choice: flex for compiled CUDA blocks, dense otherwise
         stage.model.attention = v["attention"]
+    if v["concat"] == "1":
+        from trainer.model.layers import Attention, SwiGLU
+
+        for m in stage.model.modules():
+            if isinstance(m, (Attention, SwiGLU)):
+                m.concat_weights = True
     t = stage.trainables["model"]
     if v["optim"] == "foreach":
         t.optimizer = foreach_adamw(t.optimizer)

@@ -207,6 +207,30 @@ def test_fused_projections_give_the_unfused_velocity_in_float64():
         torch.testing.assert_close(model(x, text, t, pos, mask), ref, rtol=0, atol=0)
 
 
+def test_concatenated_weights_give_the_separate_loss_and_gradients_in_float64():
+    from trainer.model.layers import Attention, SwiGLU
+
+    cfg = tiny_cfg()
+    model = randomize_(K2DiT(cfg), seed=6).double()
+    x, text, t, pos, mask = (a.double() if a.is_floating_point() else a for a in model_inputs(cfg))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(x, text, t, pos, mask).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads()
+    modules = [m for m in model.modules() if isinstance(m, (Attention, SwiGLU))]
+    for m in modules:
+        m.concat_weights = True
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert grads.keys() == ref_grads.keys() and "blocks.0.attn.q.weight" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
 def test_fusing_leaves_lora_adapted_projections_alone():
     from peft import LoraConfig, inject_adapter_in_model
 

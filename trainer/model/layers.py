@@ -35,7 +35,12 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """`w_down(silu(w_gate x) * w_up x)`, no biases."""
+    """`w_down(silu(w_gate x) * w_up x)`, no biases.
+
+    `concat_weights`: w_gate and w_up run as one GEMM of their concatenated weights at
+    every call (training: the parameters stay separate; `fuse` is the inference form)."""
+
+    concat_weights = False
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -65,6 +70,9 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w_gate_up is not None:
             gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate) * up)
+        if self.concat_weights and _plain_linears(self.w_gate, self.w_up):
+            gate, up = F.linear(x, torch.cat((self.w_gate.weight, self.w_up.weight))).chunk(2, dim=-1)
             return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
@@ -133,7 +141,12 @@ class Attention(nn.Module):
 
     `out(attn(x) * sigmoid(gate(x)))`: the gate is a full d×d projection of the
     same (modulated) input, applied before the output projection.
+
+    `concat_weights`: q, k, v and gate run as one GEMM of their concatenated weights at
+    every call (training: the parameters stay separate; `fuse` is the inference form).
     """
+
+    concat_weights = False
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, eps: float = 1e-5):
         super().__init__()
@@ -184,6 +197,9 @@ class Attention(nn.Module):
         H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkvg is not None:
             q_BSD, k_BSD, v_BSD, gate_BSD = self.qkvg(x_BSD).split((H * K, G * K, G * K, H * K), dim=-1)
+        elif self.concat_weights and _plain_linears(self.q, self.k, self.v, self.gate):
+            w = torch.cat((self.q.weight, self.k.weight, self.v.weight, self.gate.weight))
+            q_BSD, k_BSD, v_BSD, gate_BSD = F.linear(x_BSD, w).split((H * K, G * K, G * K, H * K), dim=-1)
         else:
             q_BSD, k_BSD, v_BSD, gate_BSD = self.q(x_BSD), self.k(x_BSD), self.v(x_BSD), None
         q_BHSK = self.q_norm(q_BSD.reshape(B, S, H, K)).transpose(1, 2)
