@@ -6,7 +6,8 @@ run four ways, each in trainer.flow.euler_sample from the same noise and text:
     plain      K2DiT bf16, blocks compiled, the prompt padded to --text-len with its mask
                (dense masked SDPA): the sampler before this work
     fast       trainer.sample.fast_sampling: padding dropped (trim_padding, exact), flash
-               attention without a mask, q/k/v/gate and w_gate/w_up fused, blocks compiled
+               attention without a mask, q/k/v/gate and w_gate/w_up fused, the text path run
+               once (not per step), blocks compiled
     float8     fast + float8 block linears (torchao; --float8 row: a scale per weight row and
                activation token, --float8 tensor: one per tensor)
     diffusers  Krea2Transformer2DModel with the same weights, blocks compiled, the padded
@@ -106,6 +107,7 @@ def uncompiled(model: K2DiT) -> K2DiT:
         for i, block in enumerate(blocks):
             blocks[i] = getattr(block, "_orig_mod", block)
     unfuse_projections(model)
+    model.text_fusion.reuse_output, model.text_fusion._last = False, None
     model.attention = "auto"
     return model
 
@@ -165,7 +167,8 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
                 uncompiled(model)
                 if variant == "plain":
                     model.attention = "sdpa"
-                    fast_sampling(model, attention="sdpa", compile=device.type == "cuda", fuse=False)
+                    fast_sampling(model, attention="sdpa", compile=device.type == "cuda", fuse=False,
+                                  reuse_text=False)
                     args = (text, pos, mask)
                 else:
                     fast_sampling(model, float8=a.float8 if variant == "float8" else None,

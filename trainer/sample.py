@@ -157,8 +157,10 @@ def unfuse_projections(model: nn.Module) -> int:
 
 
 def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool | None = None,
-                  attention: str | None = "flex", cuda_graphs: bool = False, fuse: bool = True) -> nn.Module:
+                  attention: str | None = "flex", cuda_graphs: bool = False, fuse: bool = True,
+                  reuse_text: bool = True) -> nn.Module:
     """Prepares `model` (K2DiT, on CUDA) for sampling speed, in place: bf16 weights,
+    `reuse_text`: the text path run once per prompt batch (`TextFusion.reuse_output`),
     `fuse`: the projections of one input as one linear (q, k, v and gate; w_gate and w_up:
     wider GEMMs, the same function, another state dict: `fuse_projections`),
     optionally float8 block linears (torchao: weights quantised once, activations at every
@@ -171,6 +173,7 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool 
     bf16); the rest computes the same function as the plain model.
     """
     model.to(torch.bfloat16).eval().requires_grad_(False)
+    model.text_fusion.reuse_output = reuse_text
     if fuse:
         fuse_projections(model)
     if float8:

@@ -231,6 +231,30 @@ def test_concatenated_weights_give_the_separate_loss_and_gradients_in_float64():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-14, msg=name)
 
 
+@torch.no_grad()
+def test_reused_text_path_runs_once_per_prompt_batch_and_gives_the_same_velocity():
+    cfg = tiny_cfg()
+    model = randomize_(K2DiT(cfg), seed=7).eval()
+    x, text, t, pos, mask = model_inputs(cfg)
+    steps = [(x * (i + 1), t / (i + 1)) for i in range(3)]  # sampling steps: new x and t, the same prompts
+    plain = [model(xi, text, ti, pos, mask) for xi, ti in steps]
+    ref = [model(x, text * 2, t, pos, mask), model(x, text, t, pos, mask[[1, 0]]), model(x, text, t, pos, mask)]
+    runs = []
+    model.text_fusion.layerwise[0].register_forward_hook(lambda *_: runs.append(1))
+    model.text_fusion.reuse_output = True
+    for (xi, ti), expected in zip(steps, plain):
+        torch.testing.assert_close(model(xi, text.clone(), ti, pos, mask), expected, rtol=0, atol=0)
+    assert len(runs) == 1
+    # Another prompt batch (other values, another mask) runs the text path again.
+    torch.testing.assert_close(model(x, text * 2, t, pos, mask), ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(model(x, text, t, pos, mask[[1, 0]]), ref[1], rtol=0, atol=0)
+    torch.testing.assert_close(model(x, text, t, pos, mask), ref[2], rtol=0, atol=0)
+    assert len(runs) == 4
+    with torch.enable_grad():  # with gradients it never reuses
+        model(x, text, t, pos, mask)
+    assert len(runs) == 5
+
+
 def test_fusing_leaves_lora_adapted_projections_alone():
     from peft import LoraConfig, inject_adapter_in_model
 
