@@ -59,7 +59,9 @@ def test_open_clip_embedding_is_encode_image_of_the_same_tower(images, model, co
 def test_open_clip_seed_and_checkpoint_decide_weights_and_version(images, resnet, tmp_path):
     again = build_embedder("open_clip", "k2-tiny-resnet", batch_size=64)
     assert again.version == resnet.version
-    assert torch.equal(again(images), resnet(images))
+    # another batch size: the same weights, so the same embeddings up to float32 rounding
+    # (a CPU GEMM may block a batch of 6 differently from two batches of 4 and 2)
+    torch.testing.assert_close(again(images), resnet(images), rtol=1e-5, atol=1e-6)
     other = build_embedder("open_clip", "k2-tiny-resnet", init_seed=1)
     assert other.version != resnet.version
     assert (other(images) - resnet(images)).abs().max() > 1e-2
