@@ -35,7 +35,8 @@ from train_step import load_config
 from trainer.flow import euler_sample
 from trainer.model import K2DiT, flops_per_sample, positions
 from trainer.model.interop import config_to_diffusers, to_diffusers_state_dict
-from trainer.sample import TURBO_MU, TURBO_STEPS, fast_sampling, trim_padding, unfuse_projections
+from trainer.model.layers import unfuse_projections
+from trainer.sample import TURBO_MU, TURBO_STEPS, fast_sampling, trim_padding
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "fast", "diffusers", "float8")  # float8 last: it quantises the weights in place

@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 from trainer.flow import euler_sample, shift_mu
 from trainer.lora_io import parse_lora
 from trainer.model import ModelConfig, patchify, positions, unpatchify
+from trainer.model.layers import fuse_projections
 
 REFUSED_EXIT_CODE = 3
 # Krea 2 taps 12 of Qwen3-VL-4B's 36 hidden states (configs/data/synthetic.yaml).
@@ -138,22 +139,6 @@ def trim_padding(text_BTKD: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.
     keep = int(valid_T.nonzero().max()) + 1 if bool(valid_T.any()) else 1
     text_BTKD, mask_BT = text_BTKD[:, :keep], mask_BT[:, :keep]
     return text_BTKD, None if bool(mask_BT.all()) else mask_BT
-
-
-def fuse_projections(model: nn.Module) -> int:
-    """Every attention's q, k, v and gate, and every SwiGLU's w_gate and w_up, as one
-    linear each (inference only: the state dict changes). Modules whose linears are not
-    plain (LoRA, float8) stay as they are. Returns how many were fused."""
-    from trainer.model.layers import Attention, SwiGLU
-
-    return sum(m.fuse() for m in list(model.modules()) if isinstance(m, (Attention, SwiGLU)))
-
-
-def unfuse_projections(model: nn.Module) -> int:
-    """The inverse of `fuse_projections`: the separate linears (and the release state dict) again."""
-    from trainer.model.layers import Attention, SwiGLU
-
-    return sum(m.unfuse() for m in list(model.modules()) if isinstance(m, (Attention, SwiGLU)))
 
 
 def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool | None = None,

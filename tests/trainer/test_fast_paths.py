@@ -17,7 +17,8 @@ from trainer.model import K2DiT, ModelConfig, positions
 from trainer.model.attention import (attend, flex_key_padding, key_padding, split_key_padding, valid_first,
                                      varlen_segments)
 from trainer.optim import EMA, build_optimizer, skips_on_device, step_unless
-from trainer.sample import fuse_projections, trim_padding, unfuse_projections
+from trainer.model.layers import fuse_projections, unfuse_projections
+from trainer.sample import trim_padding
 from tests.conftest import ROOT, train_cmd, train_env
 from trainer.checkpoint import list_checkpoints
 from trainer.stage import FlowStage, Trainable, update

@@ -228,3 +228,15 @@ def timestep_embedding(t_B: torch.Tensor, dim: int, scale: float = 1000.0, max_p
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t_B.device) / half)
     args_BF = (t_B.float() * scale)[:, None] * freqs
     return torch.cat((args_BF.cos(), args_BF.sin()), dim=-1)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Every attention's q, k, v and gate, and every SwiGLU's w_gate and w_up, as one
+    linear each (inference only: the state dict changes). Modules whose linears are not
+    plain (LoRA, float8) stay as they are. Returns how many were fused."""
+    return sum(m.fuse() for m in list(model.modules()) if isinstance(m, (Attention, SwiGLU)))
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """The inverse of `fuse_projections`: the separate linears (and the release state dict) again."""
+    return sum(m.unfuse() for m in list(model.modules()) if isinstance(m, (Attention, SwiGLU)))
