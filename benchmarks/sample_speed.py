@@ -62,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-cudnn-attention", action="store_true",
                    help="SDPA without cuDNN's kernel (unmasked calls then run flash attention)")
     p.add_argument("--graphs", action="store_true", help="fast and float8: compiled blocks replayed as CUDA graphs")
+    p.add_argument("--tune", action="store_true",
+                   help="fast and float8: inductor's coordinate-descent tuning of each generated kernel")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one sampling run per variant and record its top device kernels")
     p.add_argument("--out", default=None)
@@ -175,7 +177,7 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
                     args = (text, pos, mask)
                 else:
                     fast_sampling(model, float8=a.float8 if variant == "float8" else None,
-                                  compile=device.type == "cuda", cuda_graphs=a.graphs, fuse=not a.no_fuse,
+                                  compile=device.type == "cuda", cuda_graphs=a.graphs, fuse=not a.no_fuse, tune=a.tune,
                                   attention=a.attention if device.type == "cuda" else "sdpa")
                     args = (short_text, short_pos, short_mask)
 

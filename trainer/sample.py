@@ -143,7 +143,7 @@ def trim_padding(text_BTKD: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.
 
 def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool | None = None,
                   attention: str | None = "flex", cuda_graphs: bool = False, fuse: bool = True,
-                  reuse_text: bool = True) -> nn.Module:
+                  reuse_text: bool = True, tune: bool = False) -> nn.Module:
     """Prepares `model` (K2DiT, on CUDA) for sampling speed, in place: bf16 weights,
     `reuse_text`: the text path run once per prompt batch (`TextFusion.reuse_output`),
     `fuse`: the projections of one input as one linear (q, k, v and gate; w_gate and w_up:
@@ -152,7 +152,9 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool 
     call; ``float8="row"`` (or True) scales per weight row and activation token, ``"tensor"``
     once per tensor), the attention kernel for padded batches (flex;
     an unpadded one runs flash attention either way), and each block compiled
-    (`cuda_graphs`: and replayed as a CUDA graph, torch.compile's "reduce-overhead").
+    (`cuda_graphs`: and replayed as a CUDA graph, torch.compile's "reduce-overhead"; `tune`:
+    inductor's coordinate-descent search over each generated kernel's launch settings,
+    a longer first run).
 
     float8 changes the numbers (benchmarks/sample_speed.py measures by how much against
     bf16); the rest computes the same function as the plain model.
@@ -178,9 +180,10 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool 
     if compile:
         from trainer.parallel import shardable_blocks
 
+        options = {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": tune}
         for blocks in shardable_blocks(model):
             for i, block in enumerate(blocks):
-                blocks[i] = torch.compile(block, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
+                blocks[i] = torch.compile(block, fullgraph=True, options=options)
     return model
 
 
