@@ -68,8 +68,6 @@ def parse_args() -> argparse.Namespace:
                    help="after timing, profile one sampling run per variant and record its top device kernels")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    # float8 quantizes the weights in place and nothing turns them back: it runs last.
-    a.variants = sorted(a.variants, key=lambda v: v == "float8")
     if a.tiny:
         a.sizes, a.text_len, a.valid_text, a.reps = [128], 16, 10, 1
     return a
@@ -142,7 +140,7 @@ def profile_sampling(velocity, noise, tokens, a) -> dict:
     return {**summary, "top_kernels": rows}
 
 
-def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
+def bench_size(model: K2DiT, size: int, variants: list[str], a, device, save, references: dict) -> list[dict]:
     cfg = model.cfg
     side = size // 8
     h = side // cfg.patch_size
@@ -158,8 +156,8 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
     short_pos = positions(short_text.shape[1], h, h, device=device)
     fwd_tflop = flops_per_sample(cfg, short_text.shape[1], L) / 3 / 1e12  # one forward of the trimmed sequence
 
-    rows, reference = [], None
-    for variant in a.variants:
+    rows = []
+    for variant in variants:
         torch._dynamo.reset()
         row = {"model": cfg.name, "size": size, "variant": variant}
         try:
@@ -189,8 +187,7 @@ def bench_size(model: K2DiT, size: int, a, device, save) -> list[dict]:
                        tflops=fwd_tflop * a.steps / seconds)
             if a.profile:
                 row["profile"] = profile_sampling(velocity, noise, L, a)
-            if reference is None:
-                reference = x
+            reference = references.setdefault(size, x)  # the first variant run at this size
             row["rel_err_vs_first"] = float((x - reference).norm() / reference.norm())
             if variant == "diffusers":
                 del twin, velocity
@@ -222,8 +219,13 @@ def main() -> None:
     def save(partial: list[dict]) -> None:  # after every row: a run cut short keeps what it measured
         out.write_text(json.dumps({**record, "results": rows + partial}, indent=2) + "\n")
 
-    for size in a.sizes:
-        rows += bench_size(model, size, a, device, save)
+    # float8 quantizes the weights in place and nothing turns them back: every size of the
+    # bf16 variants first, then float8's.
+    references: dict[int, torch.Tensor] = {}
+    for group in ([v for v in a.variants if v != "float8"], [v for v in a.variants if v == "float8"]):
+        for size in a.sizes:
+            if group:
+                rows += bench_size(model, size, group, a, device, save, references)
     print(f"{'model':<6} {'size':>5} {'variant':<10} {'s/image':>8} {'TFLOP/s':>8} {'rel err':>8}")
     for r in rows:
         if "error" in r:
