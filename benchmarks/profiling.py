@@ -64,3 +64,26 @@ def print_profile(rows: list[dict], summary: dict) -> None:
           + ", ".join(f"{k} {v:.1f}" for k, v in summary["by_kind_ms"].items()))
     for r in rows:
         print(f"  {r['ms']:8.2f} ms {r['share']:6.1%} {r['calls']:5d}  {r['kernel'][:100]}")
+
+
+def one_pass_row_reductions(max_numel: int) -> None:
+    """Inductor heuristic, for measuring: inner (row) reductions up to `max_numel` wide
+    compile as persistent kernels (one program holds a row, one pass over it) instead of
+    looped ones past inductor's own 1,024. Process-wide, for later compilations."""
+    from torch._inductor import config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    original = InductorChoices.should_use_persistent_reduction
+
+    def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+        if original(features, cooperative_reduction):
+            return True
+        if not config.triton.persistent_reductions or cooperative_reduction:
+            return False
+        if features.get_reduction_hint() != ReductionHint.INNER:
+            return False
+        return V.graph.sizevars.statically_known_leq(features.reduction_numel, max_numel)
+
+    InductorChoices.should_use_persistent_reduction = staticmethod(should_use_persistent_reduction)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from profiling import print_profile, profile_kernels
+from profiling import one_pass_row_reductions, print_profile, profile_kernels
 from train_step import load_config
 
 from trainer.flow import euler_sample
@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--graphs", action="store_true", help="fast and float8: compiled blocks replayed as CUDA graphs")
     p.add_argument("--tune", action="store_true",
                    help="fast and float8: inductor's coordinate-descent tuning of each generated kernel")
+    p.add_argument("--persistent-rows", type=int, default=0,
+                   help="compile row reductions up to this width as one-pass (persistent) kernels")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one sampling run per variant and record its top device kernels")
     p.add_argument("--out", default=None)
@@ -214,6 +216,8 @@ def main() -> None:
     if a.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
     torch._dynamo.config.cache_size_limit = 64
+    if a.persistent_rows:
+        one_pass_row_reductions(a.persistent_rows)
     out = Path(a.out or ROOT / f"benchmarks/results/sample_speed_{cfg.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": vars(a), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
