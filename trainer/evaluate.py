@@ -56,7 +56,8 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from data.latents import images_to_uint8
-from data.shapes import concept_prompts, concept_reference_prompts, concept_seen_prompts, score_caption
+from data.shapes import concept_prompts, concept_reference_prompts, concept_seen_prompts
+from data.shapes_check import score_caption
 from data.shapes_loader import build_shapes_data
 from data.sources import build_shard_data
 from trainer.checkpoint import resolve_checkpoint
@@ -80,7 +81,7 @@ def load_run_config(run_dir: str) -> TrainConfig:
 
 def score(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """Share of images (N, 3, H, W in [-1, 1]) that show their prompt: colours, shapes and
-    relation right (data.shapes.score_caption), and all three at once (all_correct)."""
+    relation right (data.shapes_check.score_caption), and all three at once (all_correct)."""
     pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     checks = [score_caption(img, p) for img, p in zip(pixels, prompts)]
     for c in checks:

@@ -10,7 +10,7 @@
     spatial    spatial:red:above:green   "the red circle is above the green square"
                                          "Is the red circle above the green square?"
 
-`ShapesRubricReward` checks each with the world's exact checker (`data.shapes.describe`,
+`ShapesRubricReward` checks each with the world's exact checker (`data.shapes_check.describe`,
 which finds one blob per palette colour, and `relation_holds`) and scores the mean of the
 0/1 results (RubricRL-style partial credit). Together the requirements are exactly
 `score_caption`: the captioned colours present and no other (entity + count), each the
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.shapes import RELATIONS, ShapesWorld, _article, blobs, describe, parse_caption, relation_holds, shape_margin
+from data.shapes import RELATIONS, ShapesWorld, _article, parse_caption
+from data.shapes_check import blobs, describe, relation_holds, shape_margin
 from rl.rewards import Reward, RewardOutput, check_inputs
 
 KINDS = ("entity", "attribute", "count", "spatial")
@@ -103,7 +104,7 @@ class ShapesRubricReward(Reward):
     the image are not objects), score_caption's default.
 
     soft > 0 scores each attribute requirement (the object's shape) by how far its blob is
-    inside the verifier's region for that shape, sigmoid(data.shapes.shape_margin / soft),
+    inside the verifier's region for that shape, sigmoid(data.shapes_check.shape_margin / soft),
     instead of 0/1: a square that nearly fills its box then scores above one that is a
     rounded blob, though both fail, so a group whose images all fail (or all pass) still
     has advantages. A missing object scores 0. The score is above 1/2 exactly where the

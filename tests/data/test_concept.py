@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from data.shapes import (BACKGROUNDS, COLOURS, CONCEPT, ConceptWorld, ShapesWorld, caption_matches,
-                         concept_prompts, concept_reference_prompts, describe, is_held_out, parse_caption,
-                         score_caption)
+from data.shapes import (BACKGROUNDS, COLOURS, CONCEPT, ConceptWorld, ShapesWorld, concept_prompts,
+                         concept_reference_prompts, is_held_out, parse_caption)
+from data.shapes_check import caption_matches, describe, score_caption
 from data.shard_inputs import list_chunks, list_inputs, load_item
 
 # The pretraining stream (one-shape share 0.4), pinned: pink and the concept stream must

@@ -11,7 +11,8 @@ from PIL import Image
 
 from data.batch import Batch
 from data.latents import PixelLatents
-from data.shard_loader import ShardLoader, caption_dropped, plan_epoch
+from data.shard_loader import ShardLoader
+from data.shard_plan import caption_dropped, plan_epoch
 from data.writer import WriterConfig, write_shards
 
 TEXT_LEN = 24

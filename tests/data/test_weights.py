@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.shard_loader import ShardIndex, ShardLoader, ShardReader, caption_dropped, plan_weighted_epoch
+from data.shard_loader import ShardIndex, ShardLoader, ShardReader
+from data.shard_plan import caption_dropped, plan_weighted_epoch
 from data.weights import (FORMAT, read_weights, sample_sources, shards_digest, weighted_draws, weights_for_sources,
                           write_weights)
 from data.writer import FORMAT as SHARDS_FORMAT

@@ -8,7 +8,8 @@ from PIL import Image
 from transformers import (Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
                           Qwen3VLVideoProcessor)
 
-from data.shapes import BACKGROUNDS, Scene, ShapesWorld, parse_caption, scene_to_caption, score_caption
+from data.shapes import BACKGROUNDS, Scene, ShapesWorld, parse_caption, scene_to_caption
+from data.shapes_check import score_caption
 from data.text import tiny_encoder_config, train_tokenizer
 from rl.rewards import build_reward, group_advantages
 from rl.rewards.combine import WeightedReward
