@@ -55,6 +55,7 @@ jobs = sa.Table(
     sa.Index("krablet_jobs_lease_idx", "lease_expires_at", postgresql_where=sa.text("state = 'running'")),
     sa.Index("krablet_jobs_blocked_idx", "id", postgresql_where=sa.text("state = 'blocked'")),
     sa.Index("krablet_jobs_finished_idx", "finished_at", postgresql_where=sa.text("finished_at IS NOT NULL")),
+    # Migration 5 adds the claim slot: a column `slot` and the index krablet_jobs_slot_idx.
 )
 
 jobs_done = sa.Table(
@@ -131,8 +132,20 @@ def _replace_sync_function(conn: sa.Connection) -> None:
     conn.exec_driver_sql(SYNC_FUNCTION)
 
 
+def _v5_claim_slots(conn: sa.Connection) -> None:
+    # Each pending job in one of NUM_SLOTS claim slots, at random, so that concurrent
+    # claims start at different places of the index (krablet/queue.py says why). The
+    # constant default first: jobs already queued take it without a table rewrite.
+    from krablet.queue import NUM_SLOTS
+
+    conn.execute(sa.text("ALTER TABLE krablet_jobs ADD COLUMN slot smallint NOT NULL DEFAULT 0"))
+    conn.execute(sa.text(f"ALTER TABLE krablet_jobs ALTER COLUMN slot SET DEFAULT floor(random() * {NUM_SLOTS})"))
+    conn.execute(sa.text(
+        "CREATE INDEX krablet_jobs_slot_idx ON krablet_jobs (slot, priority DESC, id) WHERE state = 'pending'"))
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1_create_tables, _v2_archive_done_jobs, _v3_lineage,
-                                                     _v4_sync_function]
+                                                     _v4_sync_function, _v5_claim_slots]
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_ID = 0x6B7261626C6574  # "krablet"
 

@@ -22,9 +22,9 @@ def job_row(dsn, key):
 
 def test_migrate_is_versioned_and_idempotent(make_shards):
     (dsn,) = make_shards(1)
-    assert migrate(dsn) == 4  # second run: nothing to do
+    assert migrate(dsn) == 5  # second run: nothing to do
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT array_agg(version) FROM krablet_schema_version").fetchone()[0] == [1, 2, 3, 4]
+        assert conn.execute("SELECT array_agg(version) FROM krablet_schema_version").fetchone()[0] == [1, 2, 3, 4, 5]
 
 
 def test_malformed_payload_rejected_at_submit_and_nothing_written(make_shards):
@@ -77,6 +77,27 @@ def test_batched_claim_takes_at_most_n_in_priority_then_age_order(make_shards):
         second = q.claim("w2", 100)
         assert len(second) == 25 and not {j.id for j in first} & {j.id for j in second}
         assert q.claim("w3", 10) == []
+
+
+def test_claims_from_one_slot_keep_priority_strict(make_shards):
+    """A claim starts in one claim slot; it still takes no job while a job of higher
+    priority waits in another slot, and a slot the claim does not know is not stranded."""
+    (dsn,) = make_shards(1)
+    with connect(dsn) as conn:
+        insert_jobs(conn, [NewJob("noop", {}, key=f"low{i}", priority=0) for i in range(400)])
+        insert_jobs(conn, [NewJob("noop", {}, key=f"mid{i}", priority=3) for i in range(30)])
+        insert_jobs(conn, [NewJob("noop", {}, key=f"high{i}", priority=7) for i in range(5)])
+        conn.execute("UPDATE krablet_jobs SET slot = 99 WHERE key = 'low7'")  # e.g. from a larger NUM_SLOTS
+        assert conn.execute("SELECT count(DISTINCT slot) FROM krablet_jobs").fetchone()[0] > 8
+        q = ShardQueue(conn)
+        seen = []
+        for n in [3, 1, 4, 10, 20, 7]:  # 45 jobs: all highs, all mids, then lows
+            seen += [j.key for j in q.claim(f"w{n}", n)]
+        assert sorted(seen[:5]) == sorted(f"high{i}" for i in range(5))
+        assert sorted(seen[5:35]) == sorted(f"mid{i}" for i in range(30))
+        assert all(k.startswith("low") for k in seen[35:])
+        rest = q.claim("w", 1000)
+        assert len(rest) + len(seen) == 435 and "low7" in [j.key for j in rest] + seen
 
 
 def test_zombie_completion_is_rejected(make_shards):
@@ -192,12 +213,15 @@ def test_a_shard_with_an_older_schema_is_refused_with_the_command_that_fixes_it(
 
     (dsn,) = make_shards(1)
     with psycopg.connect(dsn, autocommit=True) as conn:  # as a shard created by the previous release
-        conn.execute("DROP FUNCTION krablet_sync")
-        conn.execute("DELETE FROM krablet_schema_version WHERE version = 4")
-    with pytest.raises(PermanentConnectionError, match=r"schema version 3, this Krablet needs 4: run `python -m krablet init`"):
+        insert_jobs(conn, [NewJob("noop", {}, key=f"old{i}") for i in range(3)])
+        conn.execute("ALTER TABLE krablet_jobs DROP COLUMN slot")  # and its index
+        conn.execute("DELETE FROM krablet_schema_version WHERE version = 5")
+    with pytest.raises(PermanentConnectionError, match=r"schema version 4, this Krablet needs 5: run `python -m krablet init`"):
         Shard(0, dsn).queue()
-    assert migrate(dsn) == 4
+    assert migrate(dsn) == 5
     assert Shard(0, dsn).queue() is not None
+    with connect(dsn) as conn:  # jobs queued before the migration are claimed as before
+        assert sorted(j.key for j in ShardQueue(conn).claim("w", 10)) == ["old0", "old1", "old2"]
 
 
 def test_completion_looks_jobs_up_by_key_not_through_every_running_job(make_shards):
