@@ -4,10 +4,12 @@ The Turbo sampler spends about 15% of a `12b` float8 run in inductor's fused ker
 around the GEMMs (norms, modulation, RoPE, activation quantisation, the layouts the
 attention kernel wants). This times one `DiTBlock` of the chosen config at the
 sampler's shape (batch 1, 1024²: 4096 image + 300 text tokens), prepared as
-`trainer.sample.fast_sampling` prepares it (bf16, fused projections, optional float8
-linears, compiled), once per --rope formulation, and lists each variant's kernels.
+`trainer.sample.fast_sampling` prepares it (bf16, fused projections, the --linears:
+bf16, torchao's float8 `row`, or `fused`: trainer/model/fp8_kernels.py; compiled), once
+per --rope formulation, and lists each variant's kernels. Errors are against the first row.
 
     python benchmarks/block_kernels.py --model 12b --float8
+    python benchmarks/block_kernels.py --model 12b --linears bf16 row fused --rope stack
     python benchmarks/block_kernels.py --tiny --device cpu
 """
 
@@ -22,6 +24,7 @@ from train_step import load_config
 
 import trainer.model.layers as layers
 from trainer.model.dit import DiTBlock
+from trainer.model.fp8_kernels import convert_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tokens", type=int, default=4396)
-    p.add_argument("--float8", action="store_true")
+    p.add_argument("--float8", action="store_true", help="the same as --linears row")
+    p.add_argument("--linears", nargs="+", default=None, choices=("bf16", "row", "fused"))
     p.add_argument("--rope", nargs="+", default=["stack", "flip", "bshk"])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--autotune", nargs="+", default=["0"], choices=("0", "1"),
@@ -67,11 +71,8 @@ ROPES = {"stack": layers.apply_rope, "flip": rope_flip, "bshk": rope_flip}
 ATTENTION_FORWARD = layers.Attention.forward
 
 
-def main() -> None:
-    a = parse_args()
-    device = torch.device(a.device)
-    cfg = load_config(a)
-    S = 64 if a.tiny else a.tokens
+def make_block(cfg, device, mode: str) -> DiTBlock:
+    """One block, the same weights whatever the mode, prepared as fast_sampling does."""
     torch.manual_seed(0)
     block = DiTBlock(cfg)
     with torch.no_grad():
@@ -79,11 +80,22 @@ def main() -> None:
             p.normal_(0.0, 0.02)
     block = block.to(device, torch.bfloat16).eval().requires_grad_(False)
     layers.fuse_projections(block)
-    if a.float8:
+    if mode == "row":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
         quantize_(block, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
                   filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    elif mode == "fused":
+        convert_block(block)
+    return block
+
+
+def main() -> None:
+    a = parse_args()
+    device = torch.device(a.device)
+    cfg = load_config(a)
+    S = 64 if a.tiny else a.tokens
+    modes = a.linears or (["row"] if a.float8 else ["bf16"])
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(1, S, cfg.dim, device=device, generator=gen).to(torch.bfloat16)
     tmod = (0.1 * torch.randn(1, 6, cfg.dim, device=device, generator=gen)).to(torch.bfloat16)
@@ -91,7 +103,8 @@ def main() -> None:
     cos, sin = angles.cos(), angles.sin()
     cuda = device.type == "cuda"
     rows, reference = [], None
-    for name, autotune in [(r, t) for t in a.autotune for r in a.rope]:
+    for mode, name, autotune in [(m, r, t) for m in modes for t in a.autotune for r in a.rope]:
+        block = make_block(cfg, device, mode)
         layers.apply_rope = ROPES[name]
         layers.Attention.forward = forward_bshk if name == "bshk" else ATTENTION_FORWARD
         torch._dynamo.reset()
@@ -113,14 +126,14 @@ def main() -> None:
             kernels, summary = profile_kernels(lambda: fn(x, tmod, cos, sin), device, top=14)
         reference = out if reference is None else reference
         err = float((out.float() - reference.float()).norm() / reference.float().norm())
-        print(f"rope={name} autotune={autotune}: {ms:.3f} ms a block, rel err vs first {err:.2e}")
+        print(f"linears={mode} rope={name} autotune={autotune}: {ms:.3f} ms a block, rel err vs first {err:.2e}")
         print_profile(kernels, summary)
-        rows.append({"rope": name, "autotune": autotune == "1", "block_ms": ms, "rel_err_vs_first": err,
+        rows.append({"linears": mode, "rope": name, "autotune": autotune == "1", "block_ms": ms, "rel_err_vs_first": err,
                      "profile": {**summary, "top_kernels": kernels}})
     layers.apply_rope, layers.Attention.forward = ROPES["stack"], ATTENTION_FORWARD
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"machine": platform.node(), "model": cfg.name, "tokens": S,
-                                       "float8": a.float8, "rows": rows}, indent=1))
+                                       "linears": modes, "rows": rows}, indent=1))
     print(f"wrote {a.out}")
 
 

@@ -10,6 +10,8 @@ run four ways, each in trainer.flow.euler_sample from the same noise and text:
                once (not per step), blocks compiled
     float8     fast + float8 block linears (torchao; --float8 row: a scale per weight row and
                activation token, --float8 tensor: one per tensor)
+    float8-fused float8 per-row, each linear's input made and quantised by one fused row kernel
+               (trainer/model/fp8_kernels.py) instead of torchao's quantisation
     diffusers  Krea2Transformer2DModel with the same weights, blocks compiled, the padded
                prompt and mask as diffusers' Krea 2 pipeline passes them
 
@@ -39,7 +41,8 @@ from trainer.model.layers import unfuse_projections
 from trainer.sample import TURBO_MU, TURBO_STEPS, fast_sampling, trim_padding
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "fast", "diffusers", "float8")  # float8 last: it quantises the weights in place
+VARIANTS = ("plain", "fast", "diffusers", "float8", "float8-fused")  # float8 last: it quantises the weights in place
+FLOAT8 = ("float8", "float8-fused")
 
 
 def parse_args() -> argparse.Namespace:
@@ -168,7 +171,7 @@ def bench_size(model: K2DiT, size: int, variants: list[str], a, device, save, re
 
                 def velocity(x, t, cond, twin=twin):
                     return twin(x.to(torch.bfloat16), text, t, pos.float(), mask).sample.float()
-            elif variant == "float8" and getattr(model, "_float8_prepared", False):
+            elif variant == getattr(model, "_float8_prepared", None):
                 # quantised, fused and compiled at the size before: the blocks recompile for this one
                 def velocity(x, t, cond, args=(short_text, short_pos, short_mask)):
                     return model(x.to(torch.bfloat16), args[0], t, args[1], args[2]).float()
@@ -180,10 +183,11 @@ def bench_size(model: K2DiT, size: int, variants: list[str], a, device, save, re
                                   reuse_text=False)
                     args = (text, pos, mask)
                 else:
-                    fast_sampling(model, float8=a.float8 if variant == "float8" else None,
+                    float8 = {"float8": a.float8, "float8-fused": "fused"}.get(variant)
+                    fast_sampling(model, float8=float8,
                                   compile=device.type == "cuda", cuda_graphs=a.graphs, fuse=not a.no_fuse, tune=a.tune,
                                   attention=a.attention if device.type == "cuda" else "sdpa")
-                    model._float8_prepared = variant == "float8"
+                    model._float8_prepared = variant if variant in FLOAT8 else None
                     args = (short_text, short_pos, short_mask)
 
                 def velocity(x, t, cond, args=args):
@@ -229,18 +233,26 @@ def main() -> None:
         out.write_text(json.dumps({**record, "results": rows + partial}, indent=2) + "\n")
 
     # float8 quantizes the weights in place and nothing turns them back: every size of the
-    # bf16 variants first, then float8's.
+    # bf16 variants first, then each float8 variant's on its own copy of the same weights.
     references: dict[int, torch.Tensor] = {}
-    for group in ([v for v in a.variants if v != "float8"], [v for v in a.variants if v == "float8"]):
+    for size in a.sizes:
+        if bf16 := [v for v in a.variants if v not in FLOAT8]:
+            rows += bench_size(model, size, bf16, a, device, save, references)
+    for variant in [v for v in a.variants if v in FLOAT8]:
+        if getattr(model, "_float8_prepared", None):
+            del model
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model = random_model(cfg, device)
         for size in a.sizes:
-            if group:
-                rows += bench_size(model, size, group, a, device, save, references)
-    print(f"{'model':<6} {'size':>5} {'variant':<10} {'s/image':>8} {'TFLOP/s':>8} {'rel err':>8}")
+            rows += bench_size(model, size, [variant], a, device, save, references)
+    print(f"{'model':<6} {'size':>5} {'variant':<11} {'s/image':>8} {'TFLOP/s':>8} {'rel err':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<6} {r['size']:>5} {r['variant']:<10} {r['error'][:90]}")
+            print(f"{r['model']:<6} {r['size']:>5} {r['variant']:<11} {r['error'][:90]}")
         else:
-            print(f"{r['model']:<6} {r['size']:>5} {r['variant']:<10} {r['seconds']:>8.3f} {r['tflops']:>8.0f} "
+            print(f"{r['model']:<6} {r['size']:>5} {r['variant']:<11} {r['seconds']:>8.3f} {r['tflops']:>8.0f} "
                   f"{r['rel_err_vs_first']:>8.4f}")
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

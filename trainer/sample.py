@@ -150,7 +150,8 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool 
     wider GEMMs, the same function, another state dict: `fuse_projections`),
     optionally float8 block linears (torchao: weights quantised once, activations at every
     call; ``float8="row"`` (or True) scales per weight row and activation token, ``"tensor"``
-    once per tensor), the attention kernel for padded batches (flex;
+    once per tensor; ``"fused"``: per-row scales with each linear's input made and quantised
+    by one fused row kernel, trainer/model/fp8_kernels.py), the attention kernel for padded batches (flex;
     an unpadded one runs flash attention either way), and each block compiled
     (`cuda_graphs`: and replayed as a CUDA graph, torch.compile's "reduce-overhead"; `tune`:
     inductor's coordinate-descent search over each generated kernel's launch settings,
@@ -163,11 +164,16 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool 
     model.text_fusion.reuse_output = reuse_text
     if fuse:
         fuse_projections(model)
-    if float8:
+    if float8 == "fused":
+        from trainer.model.fp8_kernels import convert_block
+
+        if not all([convert_block(block) for block in model.blocks]):
+            raise ValueError("float8='fused' needs the fused projections (fuse=True) of plain linears")
+    elif float8:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
         if float8 not in (True, "row", "tensor"):
-            raise ValueError(f"float8 must be 'row' or 'tensor', got {float8!r}")
+            raise ValueError(f"float8 must be 'row', 'tensor' or 'fused', got {float8!r}")
         granularity = PerTensor() if float8 == "tensor" else PerRow()
 
         def eligible(m: nn.Module, fqn: str) -> bool:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from trainer.model.attention import key_padding, resolve_backend, split_key_padding, valid_first, varlen_segments
 from trainer.model.config import ModelConfig
+from trainer.model.fp8_kernels import gate_quant, norm_quant, rope_attention, swiglu_quant
 from trainer.model.layers import Attention, RMSNorm, SwiGLU, rope_tables, timestep_embedding
 
 # ---------------------------------------------------------------- latent packing
@@ -159,6 +160,8 @@ class DiTBlock(nn.Module):
     Gates are raw (no tanh, no 1+), so zero gates make the block the identity.
     """
 
+    float8_rows = False  # set by trainer.model.fp8_kernels.convert_block (sampling)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.mod = nn.Parameter(torch.zeros(6, cfg.dim))
@@ -176,12 +179,29 @@ class DiTBlock(nn.Module):
         mask=None,
     ) -> torch.Tensor:
         """`mask`: the key mask in the form `K2DiT.attention` chose (trainer/model/attention.py)."""
+        if self.float8_rows:
+            return float8_block_forward(self, x_BSD, tmod_B6D, cos_SP, sin_SP, mask)
         m_B61D = (tmod_B6D + self.mod).unsqueeze(2)
         pre_scale, pre_shift, pre_gate, post_scale, post_shift, post_gate = m_B61D.unbind(1)
         h = (1.0 + pre_scale) * self.norm1(x_BSD) + pre_shift
         x_BSD = x_BSD + pre_gate * self.attn(h, cos_SP, sin_SP, mask)
         h = (1.0 + post_scale) * self.norm2(x_BSD) + post_shift
         return x_BSD + post_gate * self.mlp(h)
+
+
+def float8_block_forward(block: DiTBlock, x_BSD, tmod_B6D, cos_SP, sin_SP, mask=None) -> torch.Tensor:
+    """`DiTBlock.forward` for sampling with e4m3 block linears (trainer/model/fp8_kernels.py):
+    each linear's input is produced and quantised per row by one fused kernel."""
+    m_B61D = (tmod_B6D + block.mod).unsqueeze(2)
+    pre_scale, pre_shift, pre_gate, post_scale, post_shift, post_gate = m_B61D.unbind(1)
+    attn, mlp = block.attn, block.mlp
+    _, h8, h_scale = norm_quant(x_BSD, block.norm1.weight, pre_scale, pre_shift, block.norm1.eps)
+    qkvg_BSD = attn.qkvg.mm(h8, h_scale)
+    o_BHSK = rope_attention(attn, qkvg_BSD, cos_SP, sin_SP, mask)
+    attn_BSD = attn.out.mm(*gate_quant(o_BHSK, attn.split_qkvg(qkvg_BSD)[3]))
+    x_BSD, h8, h_scale = norm_quant(x_BSD, block.norm2.weight, post_scale, post_shift, block.norm2.eps,
+                                    residual=attn_BSD, gate=pre_gate)
+    return x_BSD + post_gate * mlp.w_down.mm(*swiglu_quant(mlp.w_gate_up.mm(h8, h_scale)))
 
 
 class FinalLayer(nn.Module):

@@ -196,23 +196,32 @@ class Attention(nn.Module):
         B, S, _ = x_BSD.shape
         H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkvg is not None:
-            q_BSD, k_BSD, v_BSD, gate_BSD = self.qkvg(x_BSD).split((H * K, G * K, G * K, H * K), dim=-1)
+            q_BSD, k_BSD, v_BSD, gate_BSD = self.split_qkvg(self.qkvg(x_BSD))
         elif self.concat_weights and _plain_linears(self.q, self.k, self.v, self.gate):
             w = torch.cat((self.q.weight, self.k.weight, self.v.weight, self.gate.weight))
             q_BSD, k_BSD, v_BSD, gate_BSD = F.linear(x_BSD, w).split((H * K, G * K, G * K, H * K), dim=-1)
         else:
             q_BSD, k_BSD, v_BSD, gate_BSD = self.q(x_BSD), self.k(x_BSD), self.v(x_BSD), None
+        o_BHSK = self.attend_projected(q_BSD, k_BSD, v_BSD, cos_SP, sin_SP, mask)
+        o_BSD = o_BHSK.transpose(1, 2).reshape(B, S, H * K)
+        return self.out(o_BSD * torch.sigmoid(self.gate(x_BSD) if gate_BSD is None else gate_BSD))
+
+    def split_qkvg(self, qkvg_BSD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The fused projection's output as q, k, v and gate."""
+        H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
+        return qkvg_BSD.split((H * K, G * K, G * K, H * K), dim=-1)
+
+    def attend_projected(self, q_BSD, k_BSD, v_BSD, cos_SP=None, sin_SP=None, mask=None) -> torch.Tensor:
+        """QK norms, RoPE and attention of projected q, k, v: the output (B, H, S, K)."""
+        B, S, _ = q_BSD.shape
+        H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
         q_BHSK = self.q_norm(q_BSD.reshape(B, S, H, K)).transpose(1, 2)
         k_BGSK = self.k_norm(k_BSD.reshape(B, S, G, K)).transpose(1, 2)
         v_BGSK = v_BSD.reshape(B, S, G, K).transpose(1, 2)
         if cos_SP is not None:
             q_BHSK = apply_rope(q_BHSK, cos_SP, sin_SP)
             k_BGSK = apply_rope(k_BGSK, cos_SP, sin_SP)
-
-        o_BHSK = attend(q_BHSK, k_BGSK, v_BGSK, mask)
-
-        o_BSD = o_BHSK.transpose(1, 2).reshape(B, S, H * K)
-        return self.out(o_BSD * torch.sigmoid(self.gate(x_BSD) if gate_BSD is None else gate_BSD))
+        return attend(q_BHSK, k_BGSK, v_BGSK, mask)
 
 
 # ---------------------------------------------------------------- timestep
