@@ -22,7 +22,8 @@ Speed: padding past the longest prompt of a batch is dropped before the model ru
 padded keys are never attended to), so a batch of one attends without a mask. On CUDA,
 --fast casts the weights to bf16, compiles every block (FlexAttention where a batch is
 still padded);
---float8 also quantises the block linears to float8 (benchmarks/sample_speed.py).
+--float8 also runs the block linears in float8, each input made and quantised by one fused
+row kernel (trainer/model/fp8_kernels.py; benchmarks/sample_speed.py).
 
 Every prompt is checked before anything loads, every image before it is written
 (trainer/safety.py). A refused prompt writes nothing at all; a refused image is left
@@ -373,7 +374,7 @@ def sample(a: argparse.Namespace) -> int:
     if a.fast or a.float8:
         if device.type != "cuda":
             raise ValueError("--fast and --float8 need --device cuda (bf16 weights, compiled blocks, flash attention)")
-        fast_sampling(pipe.model, float8=a.float8)
+        fast_sampling(pipe.model, float8="fused" if a.float8 else None)
     given = {k: v for k, v in (("steps", a.steps), ("guidance", a.guidance), ("mu", a.mu)) if v is not None}
     sampler = replace(pipe.turbo if a.turbo else pipe.sampler, **given)
     steps, guidance = sampler.steps, sampler.guidance
@@ -460,7 +461,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true",
                    help="CUDA: bf16 weights, each block compiled (the first batch pays the compile), flash attention")
     p.add_argument("--float8", action="store_true",
-                   help="--fast with float8 block linears (torchao; close to bf16, not equal: docs/BENCHMARKS.md)")
+                   help="--fast with float8 block linears (fused row kernels; close to bf16, not equal: "
+                        "docs/BENCHMARKS.md)")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4, help="images per generate call")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from trainer.model.attention import key_padding, resolve_backend, split_key_padding, valid_first, varlen_segments
 from trainer.model.config import ModelConfig
-from trainer.model.fp8_kernels import gate_quant, norm_quant, rope_attention, swiglu_quant
+from trainer.model.fp8_kernels import gate_quant, norm_quant, swiglu_quant
 from trainer.model.layers import Attention, RMSNorm, SwiGLU, rope_tables, timestep_embedding
 
 # ---------------------------------------------------------------- latent packing
@@ -196,9 +196,9 @@ def float8_block_forward(block: DiTBlock, x_BSD, tmod_B6D, cos_SP, sin_SP, mask=
     pre_scale, pre_shift, pre_gate, post_scale, post_shift, post_gate = m_B61D.unbind(1)
     attn, mlp = block.attn, block.mlp
     _, h8, h_scale = norm_quant(x_BSD, block.norm1.weight, pre_scale, pre_shift, block.norm1.eps)
-    qkvg_BSD = attn.qkvg.mm(h8, h_scale)
-    o_BHSK = rope_attention(attn, qkvg_BSD, cos_SP, sin_SP, mask)
-    attn_BSD = attn.out.mm(*gate_quant(o_BHSK, attn.split_qkvg(qkvg_BSD)[3]))
+    q_BSD, k_BSD, v_BSD, gate_BSD = attn.split_qkvg(attn.qkvg.mm(h8, h_scale))
+    o_BHSK = attn.attend_projected(q_BSD, k_BSD, v_BSD, cos_SP, sin_SP, mask)
+    attn_BSD = attn.out.mm(*gate_quant(o_BHSK, gate_BSD))
     x_BSD, h8, h_scale = norm_quant(x_BSD, block.norm2.weight, post_scale, post_shift, block.norm2.eps,
                                     residual=attn_BSD, gate=pre_gate)
     return x_BSD + post_gate * mlp.w_down.mm(*swiglu_quant(mlp.w_gate_up.mm(h8, h_scale)))

@@ -132,35 +132,8 @@ if triton is not None:
 
 # num_warps per kernel, the fastest of 4/8/16/32 at `12b`'s widths on an H200
 # (benchmarks/fp8_row_kernels.py, which overrides them to compare).
-WARPS_DEFAULT = {"norm": 4, "norm_res": 16, "gate": 4, "swiglu": 32, "rope": 4}
+WARPS_DEFAULT = {"norm": 4, "norm_res": 16, "gate": 4, "swiglu": 32}
 WARPS: dict[str, int] = {}
-
-
-if triton is not None:
-
-    @triton.jit
-    def _qk_norm_rope_kernel(X, W, COS, SIN, Y, S, sxr, eps, NH: tl.constexpr, NHP: tl.constexpr,
-                             HALF: tl.constexpr):
-        # One row's NH heads of q (or k): RMSNorm over each head (weight 1 + w, rounded to
-        # bf16 as RMSNorm returns it), then RoPE of the channel pairs (2j, 2j + 1).
-        row = tl.program_id(0)
-        s = row % S
-        h = tl.arange(0, NHP)[:, None]
-        j = tl.arange(0, HALF)[None, :]
-        hmask = h < NH
-        src = X + row * sxr + h * (2 * HALF) + 2 * j
-        xe = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
-        xo = tl.load(src + 1, mask=hmask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1)) / (2 * HALF) + eps)
-        we = tl.load(W + 2 * j).to(tl.float32) + 1.0
-        wo = tl.load(W + 2 * j + 1).to(tl.float32) + 1.0
-        ne = (xe * rstd[:, None] * we).to(tl.bfloat16).to(tl.float32)
-        no = (xo * rstd[:, None] * wo).to(tl.bfloat16).to(tl.float32)
-        c = tl.load(COS + s * HALF + j)
-        sn = tl.load(SIN + s * HALF + j)
-        dst = Y + row * (NH * 2 * HALF) + h * (2 * HALF) + 2 * j
-        tl.store(dst, (ne * c - no * sn).to(tl.bfloat16), mask=hmask)
-        tl.store(dst + 1, (no * c + ne * sn).to(tl.bfloat16), mask=hmask)
 
 
 def _warps(op: str, block: int) -> int:
@@ -232,34 +205,7 @@ if triton is not None:
     def _(gu):
         return _fake_rows(gu, gu.shape[-1] // 2)
 
-    def _heads_norm_rope(x_rows, weight, cos_SP, sin_SP, heads: int, eps: float, S: int):
-        K = weight.numel()
-        out = torch.empty(x_rows.shape[0], x_rows.shape[1], heads, K, dtype=torch.bfloat16, device=x_rows.device)
-        _qk_norm_rope_kernel[(x_rows.shape[0] * S,)](
-            x_rows, weight, cos_SP, sin_SP, out, S, x_rows.stride(1), eps, NH=heads,
-            NHP=triton.next_power_of_2(heads), HALF=K // 2, num_warps=WARPS.get("rope", WARPS_DEFAULT["rope"]))
-        return out
-
-    @custom_op("k2train::rope_attention", mutates_args=())
-    def rope_attention_op(qkvg: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                          cos_SP: torch.Tensor, sin_SP: torch.Tensor, heads: int, kv_heads: int,
-                          eps: float) -> torch.Tensor:
-        B, S, _ = qkvg.shape
-        K = q_weight.numel()
-        H, G = heads, kv_heads
-        q = _heads_norm_rope(qkvg, q_weight, cos_SP, sin_SP, H, eps, S)
-        k = _heads_norm_rope(qkvg[..., H * K:], k_weight, cos_SP, sin_SP, G, eps, S)
-        # v copied out of the projection: SDPA's cuDNN kernel does not take its row stride
-        v = qkvg[..., (H + G) * K:(H + 2 * G) * K].unflatten(-1, (G, K)).contiguous()
-        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                             v.transpose(1, 2), enable_gqa=G != H)
-        return o.transpose(1, 2).contiguous()  # (B, S, H, K): no copy when the kernel wrote that layout
-
-    @rope_attention_op.register_fake
-    def _(qkvg, q_weight, k_weight, cos_SP, sin_SP, heads, kv_heads, eps):
-        return qkvg.new_empty(qkvg.shape[0], qkvg.shape[1], heads, q_weight.numel())
-
-    _ops.update(norm=norm_quant_op, gate=gate_quant_op, swiglu=swiglu_quant_op, rope_attention=rope_attention_op)
+    _ops.update(norm=norm_quant_op, gate=gate_quant_op, swiglu=swiglu_quant_op)
 
 
 
@@ -280,24 +226,6 @@ def norm_quant(x, weight, scale, shift, eps, residual=None, gate=None):
         return x, h8, hs
     return _ops["norm"](x.contiguous(), weight, *mods, eps, residual.contiguous(),
                                  gate.reshape(B, D).contiguous())
-
-
-# Measured slower in the whole 12b sampler (1.067 s against 1.018 s, docs/PERF_NOTES.md): off.
-FUSED_ROPE_ATTENTION = False
-
-
-def rope_attention(attn, qkvg_BSD, cos_SP, sin_SP, mask=None):
-    """QK norms, RoPE and attention from the fused projection's output, as
-    `Attention.attend_projected` computes them: the output (B, H, S, K). On CUDA without a
-    mask one kernel normalises and rotates q and k straight from the projection into the
-    (B, S, heads, K) layout, and SDPA reads v where the projection put it."""
-    if not FUSED_ROPE_ATTENTION or mask is not None or cos_SP is None or not _use_triton(qkvg_BSD):
-        q_BSD, k_BSD, v_BSD, _ = attn.split_qkvg(qkvg_BSD)
-        return attn.attend_projected(q_BSD, k_BSD, v_BSD, cos_SP, sin_SP, mask)
-    o_BSHK = _ops["rope_attention"](qkvg_BSD.contiguous(), attn.q_norm.weight, attn.k_norm.weight,
-                                    cos_SP.float().contiguous(), sin_SP.float().contiguous(),
-                                    attn.num_heads, attn.num_kv_heads, attn.q_norm.eps)
-    return o_BSHK.transpose(1, 2)
 
 
 def gate_quant(o_BHSK, g_BSD):

@@ -1,26 +1,21 @@
-"""float8 attention for sampling: one Triton kernel, forward only, no mask.
+"""A float8 attention kernel for sampling: one Triton kernel, forward only, no mask.
 
-Turbo sampling of `12b` spends about a fifth of its time in bf16 attention (cuDNN's
-flash kernel, about 460 TFLOP/s on an H200). Hopper's tensor cores multiply e4m3 at
-twice the bf16 rate, so this module runs both products of attention in float8:
+An experiment for the Turbo sampler (benchmarks/attention_fp8.py times it; the sampler
+does not use it: at `12b`'s shape it ran at half the speed of cuDNN's bf16 kernel on an
+H200, docs/PERF_NOTES.md). Both products of attention run in e4m3:
 
 - Q·Kᵀ: q and k are e4m3 with one scale each. After the per-head RMSNorm (weight
   `1 + w`) and RoPE (a rotation of channel pairs) no element of a head's vector exceeds
-  `sqrt(head_dim) · max|1 + w|`, so the scales come from the norm weights: no pass over
-  the activations to find their range.
+  `sqrt(head_dim) · max|1 + w|`, so the scales come from the norm weights.
 - P·V: the softmax numerators, scaled by 2⁸ so that small probabilities stay above
   e4m3's subnormal range, are cast to e4m3 in the kernel; v is e4m3 with a per-tensor
   scale from its absolute maximum, stored transposed (B, G, K, S) because Hopper's
   float8 MMA wants its second operand contiguous along the reduced dimension.
-- The softmax itself (running maximum, sum, rescaling) stays in fp32, as in flash
-  attention; the output is bf16 in the (B, S, H, K) layout, so the output projection
-  reads it without a transpose.
+- The softmax (running maximum, sum, rescaling) stays in fp32, as in flash attention;
+  the output is bf16 in the (B, S, H, K) layout.
 
 Grouped-query attention is native: query head h reads key/value head h // (H / G).
-It is not differentiable and takes no mask: `Attention` uses it only where
-`fp8_attention` is set (`trainer.sample.fast_sampling(float8_attention=True)`) and a
-call has no padded keys (a batch of one prompt, trimmed). On CPU the kernel runs in
-Triton's interpreter (tests); `attention_fp8_reference` is the same arithmetic in torch.
+`attention_fp8_reference` is the same arithmetic in torch.
 """
 
 import math
@@ -29,7 +24,6 @@ import torch
 
 E4M3_MAX = 448.0
 P_SCALE_LOG2 = 8.0  # probabilities enter P·V as p · 2⁸
-_triton_op = None
 
 
 def rope_norm_bound(norm_weight: torch.Tensor) -> torch.Tensor:
@@ -165,41 +159,3 @@ def launch(q8, k8, vt8, scales, out=None, **config) -> torch.Tensor:
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _op():
-    """The kernel as a torch operator that torch.compile traces into a block's graph
-    (`torch.library.triton_op`: inductor sees the Triton kernel and launches it itself)."""
-    global _triton_op
-    if _triton_op is None:
-        _need_triton()
-        from torch.library import triton_op, wrap_triton
-
-        @triton_op("k2train::fp8_attention", mutates_args=())
-        def fp8_attention_op(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor,
-                             scales: torch.Tensor) -> torch.Tensor:
-            B, S, H, K = q8.shape
-            out = torch.empty(B, S, H, K, dtype=torch.bfloat16, device=q8.device)
-            cfg = CONFIG
-            grid = (triton_cdiv(S, cfg["BLOCK_M"]), B * H)
-            wrap_triton(fp8_attention_fwd)[grid](
-                q8, k8, vt8, out, scales, S,
-                q8.stride(0), q8.stride(1), q8.stride(2),
-                k8.stride(0), k8.stride(1), k8.stride(2),
-                vt8.stride(0), vt8.stride(1), vt8.stride(2),
-                out.stride(0), out.stride(1), out.stride(2),
-                H=H, G=k8.shape[2], HEAD=K, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            return out
-
-        _triton_op = fp8_attention_op
-    return _triton_op
-
-
-def fp8_attention(q_BSHK, k_BSGK, v_BSGK, q_norm_w, k_norm_w) -> torch.Tensor:
-    """Attention of normed, rotated q (B, S, H, K) over k, v (B, S, G, K), no mask, in
-    float8 (module docstring). Returns (B, S, H, K) bf16."""
-    q8, k8, vt8, scales = quantize_qkv(q_BSHK, k_BSGK, v_BSGK, q_norm_w, k_norm_w)
-    if q8.device.type == "cuda":
-        return _op()(q8, k8, vt8, scales)
-    return attention_fp8_reference(q8, k8, vt8, scales)
