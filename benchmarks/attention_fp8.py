@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from profiling import timed
 from train_step import load_config
 
 from fp8_attention_kernel import attention_fp8_reference, launch, quantize_qkv
@@ -31,19 +32,6 @@ CONFIGS = [  # BLOCK_M, BLOCK_N, num_warps, num_stages
     (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 4, 3),
     (64, 128, 4, 3), (128, 256, 8, 2), (256, 128, 8, 2),
 ]
-
-
-def timed(fn, reps: int) -> float:
-    """Milliseconds a call, CUDA events around `reps` back-to-back calls after two warm-up
-    calls (the queue stays full, so host launch time is not counted)."""
-    fn(), fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:

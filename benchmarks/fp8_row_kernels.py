@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from attention_fp8 import timed
+from profiling import timed
 from train_step import load_config
 
 from trainer.model import fp8_kernels as fk

@@ -87,3 +87,16 @@ def one_pass_row_reductions(max_numel: int) -> None:
         return V.graph.sizevars.statically_known_leq(features.reduction_numel, max_numel)
 
     InductorChoices.should_use_persistent_reduction = staticmethod(should_use_persistent_reduction)
+
+
+def timed(fn, reps: int) -> float:
+    """Milliseconds a call, CUDA events around `reps` back-to-back calls after two warm-up
+    calls (the queue stays full, so host launch time is not counted)."""
+    fn(), fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps

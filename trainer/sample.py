@@ -149,10 +149,9 @@ def fast_sampling(model: nn.Module, *, compile: bool = True, float8: str | bool 
     `reuse_text`: the text path run once per prompt batch (`TextFusion.reuse_output`),
     `fuse`: the projections of one input as one linear (q, k, v and gate; w_gate and w_up:
     wider GEMMs, the same function, another state dict: `fuse_projections`),
-    optionally float8 block linears (torchao: weights quantised once, activations at every
-    call; ``float8="row"`` (or True) scales per weight row and activation token, ``"tensor"``
-    once per tensor; ``"fused"``: per-row scales with each linear's input made and quantised
-    by one fused row kernel, trainer/model/fp8_kernels.py), the attention kernel for padded batches (flex;
+    optionally float8 block linears (``"fused"``: per-row scales, each input made and quantised
+    by one row kernel, trainer/model/fp8_kernels.py; torchao's ``"row"`` (or True) / ``"tensor"``
+    scales), the attention kernel for padded batches (flex;
     an unpadded one runs flash attention either way), and each block compiled
     (`cuda_graphs`: and replayed as a CUDA graph, torch.compile's "reduce-overhead"; `tune`:
     inductor's coordinate-descent search over each generated kernel's launch settings,

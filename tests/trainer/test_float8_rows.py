@@ -121,6 +121,10 @@ assert ((xo.float() - ref[0].float()).abs() <= ref[0].float().abs() / 64 + 1e-6)
 check("norm + residual", (h8, hs), ref[1:], scale_rtol=2e-2)  # normed from the truncated sum
 for name, o in (("gate, heads apart", o_bhsk), ("gate, heads adjacent", o_bshk)):
     check(name, ops["gate"](o, g), fk.gate_quant_reference(o.transpose(1, 2).reshape(B, S, D), g))
+qkvg = torch.randn(B, S, 3 * D).bfloat16()
+g_slice = qkvg[..., 2 * D:]  # the gate as the fused projection's last columns, read in place
+check("gate, gate a column slice", fk._ops["gate"](o_bshk, g_slice),
+      fk.gate_quant_reference(o_bshk.transpose(1, 2).reshape(B, S, D), g_slice))
 check("swiglu", ops["swiglu"](gu), fk.swiglu_quant_reference(gu))
 
 # a compiled block traces through the operators (dynamo, with their shape functions)

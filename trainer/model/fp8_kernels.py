@@ -104,7 +104,7 @@ if triton is not None:
         _store_rows_e4m3(h, Y8, Ys, row, offs, mask, D)
 
     @triton.jit
-    def _gate_quant_kernel(O, G, Y8, Ys, S, D, sob, sos, soh, HEAD: tl.constexpr, ROW: tl.constexpr,
+    def _gate_quant_kernel(O, G, Y8, Ys, S, D, sob, sos, soh, sgr, HEAD: tl.constexpr, ROW: tl.constexpr,
                            BLOCK: tl.constexpr):
         row = tl.program_id(0)
         b = row // S
@@ -115,7 +115,7 @@ if triton is not None:
             o = tl.load(O + b * sob + s * sos + offs, mask=mask, other=0.0)
         else:
             o = tl.load(O + b * sob + s * sos + (offs // HEAD) * soh + offs % HEAD, mask=mask, other=0.0)
-        g = tl.load(G + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + row * sgr + offs, mask=mask, other=0.0).to(tl.float32)  # a column slice of the projection
         h = o.to(tl.float32) * tl.sigmoid(g)
         _store_rows_e4m3(h, Y8, Ys, row, offs, mask, D)
 
@@ -178,7 +178,7 @@ if triton is not None:
         hs = torch.empty(B, S, 1, dtype=torch.float32, device=g.device)
         block = triton.next_power_of_2(D)
         _gate_quant_kernel[(B * S,)](
-            o_BHSK, g, h8, hs, S, D, o_BHSK.stride(0), o_BHSK.stride(2), o_BHSK.stride(1),
+            o_BHSK, g, h8, hs, S, D, o_BHSK.stride(0), o_BHSK.stride(2), o_BHSK.stride(1), g.stride(1),
             HEAD=K, ROW=o_BHSK.stride(1) == K, BLOCK=block, num_warps=_warps("gate", block))
         return h8, hs
 
@@ -208,8 +208,6 @@ if triton is not None:
     _ops.update(norm=norm_quant_op, gate=gate_quant_op, swiglu=swiglu_quant_op)
 
 
-
-
 def _use_triton(t: torch.Tensor) -> bool:
     return triton is not None and t.device.type == "cuda"
 
@@ -224,17 +222,18 @@ def norm_quant(x, weight, scale, shift, eps, residual=None, gate=None):
     if residual is None:
         _, h8, hs = _ops["norm"](x.contiguous(), weight, *mods, eps, None, None)
         return x, h8, hs
-    return _ops["norm"](x.contiguous(), weight, *mods, eps, residual.contiguous(),
-                                 gate.reshape(B, D).contiguous())
+    return _ops["norm"](x.contiguous(), weight, *mods, eps, residual.contiguous(), gate.reshape(B, D).contiguous())
 
 
 def gate_quant(o_BHSK, g_BSD):
     """e4m3 rows of o · sigmoid(g) for the attention output o (B, H, S, K, any strides with
-    the last one 1) and the gate g (B, S, H·K)."""
+    the last one 1) and the gate g (B, S, H·K; a column slice of a wider tensor is read in place)."""
     if not _use_triton(g_BSD):
         B, H, S, K = o_BHSK.shape
         return gate_quant_reference(o_BHSK.transpose(1, 2).reshape(B, S, H * K), g_BSD)
-    return _ops["gate"](o_BHSK, g_BSD.contiguous())
+    if g_BSD.stride(-1) != 1 or g_BSD.stride(0) != g_BSD.shape[1] * g_BSD.stride(1):
+        g_BSD = g_BSD.contiguous()  # the kernel reads rows at one stride: the projection's slice is read in place
+    return _ops["gate"](o_BHSK, g_BSD)
 
 
 def swiglu_quant(gu_BSN2):

@@ -194,16 +194,15 @@ class Attention(nn.Module):
         """`mask`: None, a bool (B, 1, 1, S) key mask, or another form of it from
         trainer/model/attention.py (FlexAttention, cuDNN)."""
         B, S, _ = x_BSD.shape
-        H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkvg is not None:
             q_BSD, k_BSD, v_BSD, gate_BSD = self.split_qkvg(self.qkvg(x_BSD))
         elif self.concat_weights and _plain_linears(self.q, self.k, self.v, self.gate):
             w = torch.cat((self.q.weight, self.k.weight, self.v.weight, self.gate.weight))
-            q_BSD, k_BSD, v_BSD, gate_BSD = F.linear(x_BSD, w).split((H * K, G * K, G * K, H * K), dim=-1)
+            q_BSD, k_BSD, v_BSD, gate_BSD = self.split_qkvg(F.linear(x_BSD, w))
         else:
             q_BSD, k_BSD, v_BSD, gate_BSD = self.q(x_BSD), self.k(x_BSD), self.v(x_BSD), None
         o_BHSK = self.attend_projected(q_BSD, k_BSD, v_BSD, cos_SP, sin_SP, mask)
-        o_BSD = o_BHSK.transpose(1, 2).reshape(B, S, H * K)
+        o_BSD = o_BHSK.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)
         return self.out(o_BSD * torch.sigmoid(self.gate(x_BSD) if gate_BSD is None else gate_BSD))
 
     def split_qkvg(self, qkvg_BSD: torch.Tensor) -> tuple[torch.Tensor, ...]:
